@@ -1,0 +1,5 @@
+"""monai_wsl: weakly-supervised segmentation of histology images with max-min uncertainty, as MONAI components."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from .blocks import CAMHead, WildcatHead, WildcatPool, wildcat_pool
+from .nets import (
+    ENCODERS,
+    CAMClassifier,
+    MaxMinUncertaintyNet,
+    build_encoder,
+    load_encoder_weights,
+)
+from .utils import minmax_normalize, normalized_map, resize_by, soft_mask, upsample

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from .base import OUTPUTS, WSLNetBase
+from .cam import CAMClassifier, CAMNet, camnet, class_map_of
+from .encoders import (
+    ENCODERS,
+    EfficientNetLite0Encoder,
+    ResNetEncoder,
+    build_encoder,
+    efficientnet_lite0_weights_path,
+    load_encoder_weights,
+)
+from .maxmin import MaxMinNet, MaxMinUncertaintyNet, maxminnet

