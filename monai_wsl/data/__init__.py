@@ -1,3 +1,13 @@
 from __future__ import annotations
 
+from .glas import (
+    DEFAULT_VALID_FRACTION,
+    GLAS_CLASS_NAMES,
+    IMAGE_EXTENSIONS,
+    create_glas_datalist,
+    find_glas_images,
+    read_glas_grades,
+    read_split_csv,
+    stratified_split,
+)
 from .synthetic import CLASS_NAMES, make_synthetic_histology, synthetic_histology_sample, write_synthetic_histology

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_wsl.networks import MaxMinUncertaintyNet, build_encoder, load_encoder_weights
+from monai_wsl.networks.nets import EfficientNetLite0Encoder, ResNetEncoder, efficientnet_lite0_weights_path
+
+IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_pretrained_efficientnet_lite0_sees_a_cat(monkeypatch):
+    skimage_data = pytest.importorskip("skimage.data")
+    from skimage.transform import resize
+
+    # No network access is needed: any attempt to download would fail loudly here.
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("tried to download"))
+    encoder = build_encoder("efficientnet-lite0", pretrained=True).eval()
+    # The ImageNet classifier is not part of the encoder: apply the checkpoint's own head to the features.
+    state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    image = resize(skimage_data.chelsea(), (224, 224), anti_aliasing=True).astype(np.float32)  # [0, 1]
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None] * 255 - 127) / 128  # the weights' [-1, 1] scaling
+    with torch.no_grad():
+        features = encoder(x).mean((2, 3))
+        logits = features @ state["_fc.weight"].T + state["_fc.bias"]
+    top5 = set(logits.topk(5).indices[0].tolist())
+    assert top5 & IMAGENET_CATS, f"no cat class in the top 5 {sorted(top5)}"
+    assert logits.argmax().item() in IMAGENET_CATS
+
+
+def test_efficientnet_lite0_has_no_se_and_relu6():
+    encoder = EfficientNetLite0Encoder()
+    assert not any("_se_" in k for k in encoder.state_dict())
+    assert not any(type(m).__name__.endswith("Swish") for m in encoder.modules())
+    assert encoder(torch.rand(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
+
+
+def test_lite0_key_conversion_maps_flat_block_indices_per_stage():
+    converted = EfficientNetLite0Encoder.convert_state_dict(
+        {"_blocks.0._bn1.weight": 0, "_blocks.3._depthwise_conv.weight": 1, "_blocks.15._bn2.bias": 2, "_bn0.bias": 3}
+    )
+    assert set(converted) == {
+        "_blocks.0.0._bn1.weight",
+        "_blocks.2.3._depthwise_conv.weight",
+        "_blocks.6.15._bn2.bias",
+        "_bn0.bias",
+    }
+
+
+def test_resnet_pretrained_path_takes_a_torchvision_style_checkpoint(tmp_path):
+    source = ResNetEncoder("resnet18")
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # a DataParallel-saved checkpoint ...
+    state["module.fc.weight"], state["module.fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)  # ... with fc
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save({"state_dict": state}, path)
+    net = MaxMinUncertaintyNet(encoder="resnet18", pretrained_path=path)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(net.encoder.state_dict()[key], value)
+
+
+def test_wrong_checkpoints_are_refused(tmp_path):
+    encoder = ResNetEncoder("resnet18")
+    resnet50 = ResNetEncoder("resnet50").state_dict()
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_encoder_weights(encoder, resnet50)
+    with pytest.raises(ValueError, match="fits only 0 of"):
+        load_encoder_weights(encoder, {"features.0.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="is not a file"):
+        load_encoder_weights(encoder, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="2D RGB"):
+        build_encoder("efficientnet-lite0", spatial_dims=3, pretrained=True)
+
+
+def test_partial_checkpoint_warns_and_reports_missing_keys():
+    encoder = ResNetEncoder("resnet18")
+    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("layer4")}
+    with pytest.warns(UserWarning, match="not in the given state dict"):
+        missing = load_encoder_weights(encoder, state)
+    assert missing and all(k.startswith("layer4") for k in missing)
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_resnets_2d_and_3d(name, channels):
+    for dims, size in ((2, (64, 64)), (3, (32, 32, 32))):
+        encoder = build_encoder(name, spatial_dims=dims, in_channels=1).eval()
+        assert encoder.out_channels == channels and encoder.output_stride == 32
+        assert encoder(torch.rand(1, 1, *size)).shape == (1, channels, *([s // 32 for s in size]))
+
+
+def test_efficientnet_lite0_3d_random_init():
+    encoder = build_encoder("efficientnet-lite0", spatial_dims=3).eval()
+    assert encoder(torch.rand(1, 3, 32, 32, 32)).shape == (1, 1280, 1, 1, 1)
+
+
+def test_module_without_tensor_output_is_refused():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return [x]
+
+    with pytest.raises(ValueError, match="feature map"):
+        build_encoder(Bad())

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_wsl.networks import CAMClassifier, MaxMinUncertaintyNet, WildcatHead, soft_mask, wildcat_pool
+from monai_wsl.networks.blocks import global_pool, num_selected
+from monai_wsl.networks.utils import minmax_normalize
+
+
+def test_wildcat_pool_matches_hand_computation():
+    # One 2 x 3 map with values 1..6: kmax=2/6 -> top two {6, 5}; kmin=2 (a count) -> bottom two {1, 2}.
+    maps = torch.tensor([[[[3.0, 1.0, 6.0], [2.0, 5.0, 4.0]]]])
+    assert wildcat_pool(maps, kmax=2 / 6, kmin=0).item() == pytest.approx((6 + 5) / 2)
+    assert wildcat_pool(maps, kmax=2 / 6, kmin=2, alpha=0.6).item() == pytest.approx((6 + 5) / 2 + 0.6 * (1 + 2) / 2)
+    # kmax as a count, kmin as a fraction (0.5 of 6 -> 3 values {1, 2, 3}), negative alpha.
+    assert wildcat_pool(maps, kmax=1, kmin=0.5, alpha=-1.0).item() == pytest.approx(6 - (1 + 2 + 3) / 3)
+
+
+def test_num_selected_conventions():
+    assert num_selected(0.3, 169) == 51  # the GlaS recipe on a 13 x 13 map
+    assert num_selected(0.001, 10) == 1  # a fraction keeps at least one position
+    assert num_selected(4, 3) == 3 and num_selected(0, 10) == 0
+
+
+def test_wildcat_head_averages_modalities_class_major():
+    head = WildcatHead(2, in_channels=1, num_classes=2, modalities=3, kmax=1.0, dropout=0.0)
+    with torch.no_grad():
+        head.conv.weight.copy_(torch.arange(6.0).view(6, 1, 1, 1))  # channel c = c * x
+        head.conv.bias.zero_()
+    x = torch.ones(1, 1, 4, 5)
+    scores, maps = head(x)
+    assert maps.shape == (1, 2, 4, 5) and scores.shape == (1, 2)
+    # class 0 = mean of channels 0, 1, 2 -> 1; class 1 = mean of 3, 4, 5 -> 4; kmax=1.0 keeps every value.
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 4.0]]))
+
+
+def test_wildcat_dropout_only_in_training():
+    head = WildcatHead(2, 8, 2, dropout=0.5)
+    x = torch.randn(2, 8, 6, 6)
+    head.eval()
+    torch.testing.assert_close(head(x)[0], head(x)[0])
+    head.train()
+    torch.manual_seed(0)
+    a = head(x)[0]
+    torch.manual_seed(1)
+    assert not torch.allclose(a, head(x)[0])
+
+
+def test_global_poolings():
+    maps = torch.tensor([[[[0.0, 1.0], [2.0, 5.0]]]])
+    assert global_pool(maps, "avg").item() == pytest.approx(2.0)
+    assert global_pool(maps, "max").item() == pytest.approx(5.0)
+    lse = global_pool(maps, "lse", lse_r=1.0).item()
+    assert lse == pytest.approx(torch.log(torch.exp(maps).mean()).item())
+    assert 2.0 < lse < 5.0
+
+
+def test_soft_mask_formula_and_per_image_normalisation():
+    maps = torch.zeros(2, 2, 2, 2)
+    maps[0, 0] = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    maps[1, 1] = torch.tensor([[10.0, 0.0], [0.0, 0.0]])  # another image with another range
+    scores = torch.tensor([[50.0, -50.0], [-50.0, 50.0]])  # softmax ~ one-hot
+    m = soft_mask(maps, scores, (2, 2), sigma=0.15, w=5.0)
+    expected0 = torch.sigmoid(5 * (torch.tensor([[0.0, 0.25], [0.5, 1.0]]) - 0.15))
+    torch.testing.assert_close(m[0, 0], expected0)
+    # per image: image 1's max (10) does not rescale image 0
+    torch.testing.assert_close(m[1, 0, 0, 0], torch.sigmoid(torch.tensor(5 * 0.85)))
+    # M >= 0.5 exactly where A_norm >= sigma
+    assert torch.equal(m[0, 0] >= 0.5, torch.tensor([[False, True], [True, True]]))
+
+
+def test_constant_map_is_guarded():
+    out = minmax_normalize(torch.full((1, 1, 3, 3), 7.0))
+    assert torch.isfinite(out).all() and (out == 0).all()
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (64, 80)), (3, (48, 48, 40))])
+def test_maxmin_output_shapes(spatial_dims, size):
+    net = MaxMinUncertaintyNet(spatial_dims=spatial_dims, num_classes=3, encoder="resnet18")
+    x = torch.rand(2, 3, *size)
+    out = net(x)
+    low = tuple((s + 31) // 32 for s in size)
+    assert out["logits"].shape == out["logits_bg"].shape == out["logits_loc"].shape == (2, 3)
+    assert out["mask"].shape == (2, 1, *size)
+    assert out["cams"].shape == (2, 3, *low)
+    assert ((out["mask"] > 0) & (out["mask"] < 1)).all()
+    net.output = "mask"
+    pred = net.eval()(x)
+    assert pred.shape == (2, 2, *size)
+    torch.testing.assert_close(pred.sum(1), torch.ones(2, *size))
+    net.output = "logits"
+    assert net(x).shape == (2, 3)
+
+
+def test_output_modes_share_state_dict_and_sigma_is_saved():
+    nets = {o: MaxMinUncertaintyNet(encoder="resnet18", output=o) for o in ("dict", "mask", "logits")}
+    keys = [list(n.state_dict()) for n in nets.values()]
+    assert keys[0] == keys[1] == keys[2]
+    assert "sigma" in nets["dict"].state_dict()
+    # weights trained in dict mode load strictly into the inference (mask) network, sigma included
+    nets["dict"].sigma.fill_(0.2)
+    nets["mask"].load_state_dict(nets["dict"].state_dict(), strict=True)
+    assert nets["mask"].sigma.item() == pytest.approx(0.2)
+
+
+def test_mask_output_equals_dict_mask():
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="resnet18").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        m = net(x)["mask"]
+        net.output = "mask"
+        torch.testing.assert_close(net(x)[:, 1:], m)
+
+
+def test_separate_encoders_have_own_parameters():
+    shared = MaxMinUncertaintyNet(encoder="resnet18")
+    separate = MaxMinUncertaintyNet(encoder="resnet18", shared_encoder=False)
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_separate = sum(p.numel() for p in separate.parameters())
+    n_encoder = sum(p.numel() for p in shared.encoder.parameters())
+    assert n_separate == n_shared + n_encoder
+    assert separate(torch.rand(1, 3, 64, 64))["logits"].shape == (1, 2)
+
+
+def test_gradients_of_fg_ce_and_bg_term_reach_the_localizer():
+    from monai_wsl.losses import uniformity
+
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="resnet18", dropout=0.0)
+    x, y = torch.rand(2, 3, 64, 64), torch.tensor([0, 1])
+    for term in (
+        lambda o: nn.functional.cross_entropy(o["logits"], y),
+        lambda o: uniformity(o["logits_bg"], "sem").mean(),
+    ):
+        net.zero_grad()
+        term(net(x)).backward()
+        grad = net.localizer_head.conv.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_custom_encoder_module_is_measured():
+    encoder = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=4, padding=1)
+    )
+    net = MaxMinUncertaintyNet(encoder=encoder)
+    assert net.encoder.out_channels == 16 and net.encoder.output_stride == 8
+    assert net.min_spatial_size == 10  # ceil(8 / 0.8)
+    assert net(torch.rand(1, 3, 24, 24))["cams"].shape == (1, 2, 3, 3)
+
+
+def test_cam_classifier_map_is_predicted_class_map():
+    torch.manual_seed(0)
+    net = CAMClassifier(encoder="resnet18", pooling="avg").eval()
+    x = torch.rand(2, 3, 64, 64)
+    out = net(x)
+    assert out["mask"].shape == (2, 1, 64, 64)
+    assert out["mask"].amin() >= 0 and out["mask"].amax() <= 1
+    # avg pooling: logits are the spatial means of the class maps (CAM = GAP + linear)
+    torch.testing.assert_close(out["logits"], out["cams"].mean((2, 3)))
+    for pooling in ("max", "lse", "wildcat"):
+        assert CAMClassifier(encoder="resnet18", pooling=pooling)(x)["logits"].shape == (2, 2)
+
+
+def test_bad_inputs_raise_clear_errors():
+    net = MaxMinUncertaintyNet(encoder="resnet18")
+    with pytest.raises(ValueError, match="expected 3 input channels.*got 4.*RGBA"):
+        net(torch.rand(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="4-d input.*got shape \\(3, 64, 64\\).*batch dimension"):
+        net(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match="too small.*at least 40"):
+        net(torch.rand(1, 3, 39, 64))
+    with pytest.raises(ValueError, match="floating-point"):
+        net(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="output must be one of"):
+        MaxMinUncertaintyNet(output="probabilities")
+    with pytest.raises(ValueError, match="encoder must be"):
+        MaxMinUncertaintyNet(encoder="vgg16")
+    with pytest.raises(ValueError, match="no offline ImageNet weights.*pretrained_path"):
+        MaxMinUncertaintyNet(encoder="resnet18", pretrained=True)

@@ -1,0 +1,166 @@
+"""EnsureRGBd, BinarizeMaskd, CheckSameSized, CheckLabeld on files as users have them (after LoadImaged)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from PIL import Image
+
+from monai_wsl.data import create_glas_datalist
+from monai_wsl.transforms import BinarizeMask, BinarizeMaskd, CheckLabeld, CheckSameSized, EnsureRGB, EnsureRGBd
+
+RNG = np.random.default_rng(0)
+
+
+def load(**files):
+    """``{key: path}`` -> LoadImaged + EnsureChannelFirstd output (PIL-read 2D images are ``(C, W, H)``)."""
+    keys = list(files)
+    return Compose([LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)])(
+        {k: str(v) for k, v in files.items()}
+    )
+
+
+def save(path, array, mode=None):
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+# --- BinarizeMaskd --------------------------------------------------------------------------------------------------
+
+
+def test_binarize_official_instance_id_masks(shared_data):
+    for name in ("train_1", "train_2", "train_12"):
+        path = shared_data / "glas-bmp-sample" / f"{name}_anno.bmp"
+        raw = np.asarray(Image.open(path))  # (H, W) instance ids
+        assert raw.max() > 1  # several glands: really instance ids
+        mask = BinarizeMaskd(keys="mask")(load(mask=path))["mask"]
+        assert mask.dtype == torch.float32 and tuple(mask.shape) == (1, raw.shape[1], raw.shape[0])
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(mask[0].T.bool(), torch.from_numpy(raw > 0))  # (W, H) -> (H, W): same foreground
+        assert mask.meta["filename_or_obj"] == str(path)
+
+
+def test_binarize_0_255_png_mask(shared_data):
+    path = shared_data / "glas" / "train_1_anno.png"
+    raw = np.asarray(Image.open(path))
+    mask = BinarizeMaskd(keys="mask")(load(mask=path))["mask"]
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert int(mask.sum()) == int((raw == 255).sum())
+
+
+def test_binarize_multichannel_masks():
+    rgb = np.zeros((3, 4, 5), dtype=np.uint8)
+    rgb[0, 0, 0], rgb[2, 3, 4] = 255, 7  # foreground in different channels
+    out = BinarizeMask()(rgb)
+    assert out.shape == (1, 4, 5) and out.dtype == np.float32
+    assert out.sum() == 2 and out[0, 0, 0] == 1 and out[0, 3, 4] == 1
+    rgba = np.concatenate([rgb, np.full((1, 4, 5), 255, np.uint8)])  # opaque alpha must not count
+    assert np.array_equal(BinarizeMask()(rgba), out)
+    assert BinarizeMask(ignore_alpha=False)(rgba).sum() == 20
+
+
+# --- EnsureRGBd -----------------------------------------------------------------------------------------------------
+
+
+def test_ensure_rgb_passes_rgb(tmp_path):
+    path = save(tmp_path / "rgb.png", RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    d = load(image=path)
+    out = EnsureRGBd(keys="image", mode="error")(d)["image"]
+    assert out is d["image"] and tuple(out.shape) == (3, 8, 6)
+
+
+def test_ensure_rgb_converts_grey_rgba_and_grey_alpha(tmp_path, caplog):
+    grey = RNG.integers(0, 256, (6, 8), dtype=np.uint8)
+    rgba = RNG.integers(0, 256, (6, 8, 4), dtype=np.uint8)
+    files = {
+        "grey": (save(tmp_path / "grey.png", grey), np.stack([grey] * 3)),
+        "rgba": (save(tmp_path / "rgba.png", rgba, "RGBA"), np.moveaxis(rgba[..., :3], -1, 0)),
+        "la": (save(tmp_path / "la.png", np.stack([grey, 255 - grey], -1), "LA"), np.stack([grey] * 3)),
+    }
+    transform = EnsureRGBd(keys="image")  # mode="convert" by default
+    with caplog.at_level(logging.WARNING):
+        for path, expected in files.values():
+            out = transform(load(image=path))["image"]
+            assert tuple(out.shape) == (3, 8, 6)
+            assert np.array_equal(out.numpy().transpose(0, 2, 1), expected)  # (C, W, H) -> (C, H, W)
+            transform(load(image=path))  # a second time: no second warning
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3 and all(str(path) in w for (path, _), w in zip(files.values(), warned))
+
+
+def test_ensure_rgb_rescales_16_bit(tmp_path):
+    grey16 = RNG.integers(0, 65536, (6, 8), dtype=np.uint16)
+    grey16[0, 0] = 65535
+    out = EnsureRGBd(keys="image")(load(image=save(tmp_path / "g16.png", grey16)))["image"]
+    assert out.dtype == torch.float32 and tuple(out.shape) == (3, 8, 6) and float(out.max()) == 255.0
+    assert np.allclose(out[1].numpy().T, grey16 * 255.0 / 65535.0, atol=1e-3)
+    with pytest.raises(ValueError, match=r"g16\.png .*values up to 65535 \(16-bit\)"):
+        EnsureRGBd(keys="image", mode="error")(load(image=tmp_path / "g16.png"))
+
+
+def test_ensure_rgb_errors_name_the_file(tmp_path):
+    path = save(tmp_path / "train_3.png", RNG.integers(0, 256, (6, 8, 4), dtype=np.uint8), "RGBA")
+    with pytest.raises(ValueError) as err:
+        EnsureRGBd(keys="image", mode="error")(load(image=path))
+    assert str(err.value) == (
+        f"image {path} has 4 channels (RGBA); expected 3 (RGB): "
+        "convert the file or use EnsureRGBd(keys='image', mode='convert')."
+    )
+    grey = save(tmp_path / "grey.bmp", RNG.integers(0, 256, (6, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"grey\.bmp has 1 channel \(grey\)"):
+        EnsureRGBd(keys="image", mode="error")(load(image=grey))
+    with pytest.raises(ValueError, match=r"has shape \(5, 8, 6\)"):  # 5 channels: error in any mode
+        EnsureRGB()(np.zeros((5, 8, 6), dtype=np.uint8))
+    with pytest.raises(ValueError, match="mode"):
+        EnsureRGBd(keys="image", mode="rgb")
+
+
+# --- CheckSameSized, CheckLabeld ------------------------------------------------------------------------------------
+
+
+def test_check_same_size(tmp_path):
+    image = save(tmp_path / "train_1.bmp", RNG.integers(0, 256, (10, 12, 3), dtype=np.uint8))
+    good = save(tmp_path / "train_1_anno.bmp", np.ones((10, 12), dtype=np.uint8))
+    d = load(image=image, mask=good)
+    assert CheckSameSized(keys=("image", "mask"))(d) is d
+    bad = save(tmp_path / "train_1_anno.png", np.ones((9, 12), dtype=np.uint8))
+    with pytest.raises(ValueError) as err:
+        CheckSameSized(keys=("image", "mask"))(load(image=image, mask=bad))
+    message = str(err.value)
+    assert str(image) in message and str(bad) in message and "(12, 10)" in message and "(12, 9)" in message
+
+
+def test_check_label():
+    check = CheckLabeld(keys="label", num_classes=2, class_names=["benign", "malignant"])
+    for label in (0, 1, np.int64(1), torch.tensor(1), torch.tensor([0]), np.array(1)):
+        assert check({"image": "/d/train_1.bmp", "label": label})["label"] is label
+    for label in (2, -1, True, 1.0, "malignant", torch.tensor(1.0), torch.tensor([0, 1])):
+        with pytest.raises(ValueError, match=r"of image /d/train_7\.bmp is not a class index in \[0, 2\) \(0=benign"):
+            check({"image": "/d/train_7.bmp", "label": label})
+    with pytest.raises(ValueError, match="label 3 of image"):
+        check({"image": "/d/train_7.bmp", "label": 3})
+    with pytest.raises(ValueError, match="class_names"):
+        CheckLabeld(keys="label", num_classes=3, class_names=["benign", "malignant"])
+
+
+def test_pipeline_on_official_bmp_release(shared_data):
+    datalist = create_glas_datalist(shared_data / "glas-bmp-sample", valid_fraction=0.5)
+    transform = Compose(
+        [
+            LoadImaged(keys=["image", "mask"], image_only=False),
+            EnsureChannelFirstd(keys=["image", "mask"]),
+            EnsureRGBd(keys="image", mode="error"),
+            BinarizeMaskd(keys="mask"),
+            CheckSameSized(keys=("image", "mask")),
+            CheckLabeld(keys="label", num_classes=2, class_names=datalist["labels"]),
+        ]
+    )
+    for item in datalist["training"] + datalist["validation"]:
+        out = transform(item)
+        w, h = Image.open(item["image"]).size
+        assert tuple(out["image"].shape) == (3, w, h) and tuple(out["mask"].shape) == (1, w, h)
+        assert 0 < float(out["mask"].mean()) < 1 and out["label"] == item["label"]
