@@ -3,3 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from . import data, handlers, inferers, losses, metrics, networks, transforms, utils, visualize
+
+__all__ = ["data", "handlers", "inferers", "losses", "metrics", "networks", "transforms", "utils", "visualize"]

@@ -149,7 +149,8 @@ def write_synthetic_histology(
 ) -> Path:
     """Write the dataset as PNG files (``<split>_<i>.png`` images, ``<split>_<i>_anno.png`` masks with 255 for
     gland) and a MONAI datalist ``datalist.json`` (``training`` / ``validation`` with ``image``, ``label``,
-    ``mask``); returns the datalist path. An existing datalist written with the same arguments is reused."""
+    ``mask``, paths relative to ``out_dir``); returns the datalist path. An existing datalist written with the same
+    arguments is reused."""
     from PIL import Image
 
     out = Path(out_dir)
@@ -159,7 +160,7 @@ def write_synthetic_histology(
     if datalist_path.is_file():
         existing = json.loads(datalist_path.read_text())
         if existing.get("synthetic") == recipe and all(
-            Path(item[k]).is_file()
+            (out / item[k]).is_file()
             for split in ("training", "validation")
             for item in existing[split]
             for k in ("image", "mask")
@@ -172,7 +173,7 @@ def write_synthetic_histology(
             image_path, mask_path = out / f"{split}_{i}.png", out / f"{split}_{i}_anno.png"
             Image.fromarray(sample["image"]).save(image_path)
             Image.fromarray(sample["mask"] * 255).save(mask_path)
-            items.append({"image": str(image_path), "label": int(sample["label"]), "mask": str(mask_path)})
+            items.append({"image": image_path.name, "label": int(sample["label"]), "mask": mask_path.name})
         datalist[split] = items
     datalist_path.write_text(json.dumps(datalist, indent=1))
     return datalist_path

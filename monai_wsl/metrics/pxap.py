@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from monai.metrics import CumulativeIterationMetric
+from monai.utils import evenly_divisible_all_gather
 
 from monai_wsl.metrics.pixel import check_mask
 
@@ -57,6 +58,20 @@ class PixelAPMetric(CumulativeIterationMetric):
             metric(y_pred=soft_masks, y=ground_truth)
         pxap = metric.aggregate().item()
     """
+
+    def extend(self, *data: torch.Tensor) -> None:
+        # One chunk per call: the base class would split the (pixels, 2) tensor into one entry per pixel.
+        if self._buffers is None:
+            self._buffers = [[] for _ in data]
+        for buffer, chunk in zip(self._buffers, data):
+            buffer.append(torch.as_tensor(chunk))
+        self._synced = False
+
+    def _sync(self) -> None:
+        if self._synced or self._buffers is None:
+            return
+        self._synced_tensors = [evenly_divisible_all_gather(torch.cat(b, 0), concat=True) for b in self._buffers]
+        self._synced = True
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         s = check_mask(y_pred, "y_pred")

@@ -1,6 +1,16 @@
 from __future__ import annotations
 
 from .array import BinarizeMask, EnsureRGB, filename_of
+from .augment import (
+    RandColorJitterD,
+    RandColorJitterd,
+    RandColorJitterDict,
+    ResizeShortSideD,
+    ResizeShortSided,
+    ResizeShortSideDict,
+    hsv_to_rgb,
+    rgb_to_hsv,
+)
 from .dictionary import (
     BinarizeMaskD,
     BinarizeMaskd,
@@ -15,3 +25,4 @@ from .dictionary import (
     EnsureRGBd,
     EnsureRGBDict,
 )
+from .post import SplitPredictionD, SplitPredictiond, SplitPredictionDict

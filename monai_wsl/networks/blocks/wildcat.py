@@ -39,7 +39,7 @@ def wildcat_pool(
         scores ``(B, K)``.
     """
     flat = maps.flatten(2)  # (B, K, N)
-    n = flat.shape[-1]
+    n = int(flat.shape[-1])  # a traced size is a tensor: the trace keeps it as a constant
     n_max, n_min = num_selected(kmax, n), num_selected(kmin, n)
     if n_max == 0:
         raise ValueError(f"kmax must select at least one position, got kmax={kmax}.")

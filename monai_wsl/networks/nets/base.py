@@ -77,6 +77,13 @@ class WSLNetBase(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point image tensor, got {x.dtype}; convert with x.float().")
 
+    def segment_and_classify(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference in one call, whatever ``output`` is: ``{"mask": (B, 1, *spatial) in [0, 1], "logits": (B, K)}``.
+
+        Cheaper than ``output="dict"``: only the passes needed for the prediction run.
+        """
+        raise NotImplementedError
+
     @staticmethod
     def mask_output(mask: torch.Tensor) -> torch.Tensor:
         """``(B, 1, *spatial)`` soft mask -> ``(B, 2, *spatial)`` ``[1 - M, M]`` (background, foreground)."""

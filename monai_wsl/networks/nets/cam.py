@@ -61,15 +61,23 @@ class CAMClassifier(WSLNetBase):
         )
         self.pooling = pooling
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+    def segment_and_classify(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"mask": normalised map of the predicted class (B, 1, *spatial), "logits": (B, K)}``."""
+        out = self._dict(x)
+        return {"mask": out["mask"], "logits": out["logits"]}
+
+    def _dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
         logits, maps = self.head(self.encoder(x))
-        if self.output == "logits":
-            return logits
         mask = normalized_map(class_map_of(maps, logits), x.shape[2:])
-        if self.output == "mask":
-            return self.mask_output(mask)
         return {"logits": logits, "mask": mask, "cams": maps}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        if self.output == "logits":
+            self.check_input(x)
+            return self.head(self.encoder(x))[0]
+        out = self._dict(x)
+        return self.mask_output(out["mask"]) if self.output == "mask" else out
 
 
 CAMNet = camnet = CAMClassifier

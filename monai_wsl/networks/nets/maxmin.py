@@ -107,6 +107,13 @@ class MaxMinUncertaintyNet(WSLNetBase):
         scores, _ = self.classifier_head(self._classifier_encoder()(resize_by(x, self.scale_in_cl)))
         return scores
 
+    def segment_and_classify(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"mask": M (B, 1, *spatial), "logits": classifier on x * M (B, K)}``: the localizer and one classifier
+        pass (no background pass)."""
+        self.check_input(x)
+        _, _, mask = self.localize(x)
+        return {"mask": mask, "logits": self.classify(x * mask)}
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
         self.check_input(x)
         scores, maps, mask = self.localize(x)

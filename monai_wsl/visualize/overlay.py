@@ -1,0 +1,119 @@
+"""Pictures of masks on images: what a pathologist looks at before trusting a number."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["display_image", "mask_overlay_panels", "overlay_grid", "to_uint8", "COLORS"]
+
+COLORS = {
+    "pred": (0.0, 0.75, 0.85),  # teal: predicted region
+    "contour": (1.0, 0.85, 0.0),  # yellow: ground-truth outline
+    "tp": (0.15, 0.75, 0.25),  # green: true positive
+    "fp": (0.9, 0.15, 0.15),  # red: false positive
+    "fn": (0.2, 0.35, 0.95),  # blue: missed
+}
+
+
+def _plane(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``(C, *spatial)`` -> ``(C, H, W)``: the middle slice of the last axis for 3D; PIL-read 2D data are
+    ``(C, W, H)`` and are transposed when ``transpose``."""
+    x = torch.as_tensor(x).detach().float().cpu()
+    if x.ndim == 4:
+        x = x[..., x.shape[-1] // 2]
+    if x.ndim != 3:
+        raise ValueError(f"expected a channel-first 2D or 3D array, got shape {tuple(x.shape)}.")
+    return x.transpose(-1, -2) if transpose else x
+
+
+def display_image(
+    image: torch.Tensor, value_range: Sequence[float] | None = (-1.0, 1.0), transpose: bool = True
+) -> torch.Tensor:
+    """``(C, *spatial)`` image -> ``(3, H, W)`` RGB in [0, 1] for display.
+
+    ``value_range`` maps the given range to [0, 1] (the recipe normalises to [-1, 1]); ``None`` min-max scales.
+    Grey images are repeated to RGB.
+    """
+    x = _plane(image, transpose)
+    if value_range is None:
+        lo, hi = x.min(), x.max()
+    else:
+        lo, hi = value_range
+    x = ((x - lo) / max(float(hi - lo), 1e-8)).clamp(0, 1)
+    if x.shape[0] == 1:
+        x = x.repeat(3, 1, 1)
+    return x[:3]
+
+
+def _contour(mask: torch.Tensor) -> torch.Tensor:
+    """Boundary pixels of a binary ``(H, W)`` mask."""
+    m = mask.float()[None, None]
+    eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
+    return (m - eroded)[0, 0] > 0
+
+
+def _blend(rgb: torch.Tensor, where: torch.Tensor, color: Sequence[float], alpha: float) -> torch.Tensor:
+    c = torch.tensor(color).view(3, 1, 1)
+    return torch.where(where[None], (1 - alpha) * rgb + alpha * c, rgb)
+
+
+def mask_overlay_panels(
+    image: torch.Tensor,
+    pred: torch.Tensor,
+    gt: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    value_range: Sequence[float] | None = (-1.0, 1.0),
+    transpose: bool = True,
+    alpha: float = 0.45,
+) -> torch.Tensor:
+    """Side-by-side panels ``(3, H, n * W)`` in [0, 1]: the image; the predicted mask (``pred >= threshold``, teal)
+    with the ground-truth outline (yellow); and, with ``gt``, the errors (true positive green, false positive red,
+    missed blue).
+
+    Args:
+        image: ``(C, *spatial)``.
+        pred: ``(1, *spatial)`` soft or binary mask.
+        gt: ``(1, *spatial)`` binary ground truth, optional.
+    """
+    rgb = display_image(image, value_range, transpose)
+    p = _plane(pred, transpose)[0] >= threshold
+    if p.shape != rgb.shape[1:]:
+        raise ValueError(f"pred {tuple(p.shape)} and image {tuple(rgb.shape[1:])} differ in size.")
+    predicted = _blend(rgb, p, COLORS["pred"], alpha)
+    panels = [rgb]
+    if gt is not None:
+        g = _plane(gt, transpose)[0] > 0
+        outline = _contour(g)
+        predicted = _blend(predicted, outline, COLORS["contour"], 1.0)
+        errors = _blend(rgb, p & g, COLORS["tp"], alpha)
+        errors = _blend(errors, p & ~g, COLORS["fp"], alpha)
+        errors = _blend(errors, ~p & g, COLORS["fn"], alpha)
+        panels += [predicted, errors]
+    else:
+        panels.append(predicted)
+    gap = torch.ones(3, rgb.shape[1], max(2, rgb.shape[2] // 100))
+    out = [panels[0]]
+    for panel in panels[1:]:
+        out += [gap, panel]
+    return torch.cat(out, dim=2)
+
+
+def overlay_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(3, H_i, W_i)`` rows vertically (padded with white to the widest) -> ``(3, H, W)``."""
+    if not rows:
+        raise ValueError("no rows to draw.")
+    width = max(r.shape[2] for r in rows)
+    padded = []
+    for r in rows:
+        pad = torch.ones(3, r.shape[1], width - r.shape[2])
+        padded += [torch.cat([r, pad], 2), torch.ones(3, 4, width)]
+    return torch.cat(padded[:-1], 1)
+
+
+def to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in [0, 1] -> ``(H, W, 3)`` uint8 for PIL."""
+    return (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

@@ -1,0 +1,222 @@
+"""The MONAI bundle, driven as the model zoo's unit tests drive bundles: ConfigWorkflow initialize / check_properties /
+run / finalize on CPU, on a small synthetic set written to a temporary folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from monai_wsl.data import write_synthetic_histology
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+SMALL = {
+    "synthetic": {"num_train": 8, "num_valid": 4, "size": [96, 96], "seed": 0},
+    "resize_short_side": 80,
+    "crop_size": 64,
+    "num_workers": 0,
+    "progress_bar": False,
+    "max_epochs": 2,
+}
+
+
+def workflow(bundle_root: Path, configs=("train.json",), workflow_type: str = "train", **overrides) -> ConfigWorkflow:
+    files = [str(CONFIGS / c) for c in configs]
+    return ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(bundle_root),
+        **{**(SMALL if workflow_type == "train" else {}), **overrides},
+    )
+
+
+def run(wf: ConfigWorkflow) -> ConfigWorkflow:
+    wf.initialize()
+    assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A bundle root with 2 epochs of training on the small synthetic set."""
+    root = tmp_path_factory.mktemp("bundle")
+    wf = run(workflow(root))
+    return root, wf
+
+
+def test_train_runs_and_saves_the_selected_model(trained):
+    root, wf = trained
+    assert wf.trainer.state.epoch == 2
+    assert (root / "models" / "model.pt").is_file() and (root / "models" / "checkpoint_epoch=2.pt").is_file()
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert "sigma" in state and "localizer_head.conv.weight" in state  # a bare state dict, as MONAI Label loads it
+    metrics = wf.parser.get_parsed_content("validate#evaluator").state.metrics
+    for name in ("val_accuracy", "val_f1_pos", "val_f1_neg", "val_pxap", "val_iou_pos", "val_fpr"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    # the schedules advanced once per epoch: sigma 0.15 -> 0.152, t 5 -> 5 * 1.01^2
+    net = wf.parser.get_parsed_content("network")
+    assert float(net.sigma) == pytest.approx(0.152)
+    assert float(wf.parser.get_parsed_content("loss").barrier.t) == pytest.approx(5 * 1.01**2)
+
+
+def test_tensorboard_holds_loss_terms_metrics_schedules_and_overlays(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = trained
+    events = EventAccumulator(str(root / "logs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"loss", "loss_ce_loc", "loss_ce_fg", "loss_bg", "loss_size", "lr", "sigma", "t", "train_accuracy"}
+    expected |= {"val_accuracy", "val_f1_pos", "val_f1_neg", "val_pxap", "val_iou_pos", "val_fpr"}
+    assert expected <= scalars, expected - scalars
+    assert [e.value for e in events.Scalars("sigma")] == pytest.approx([0.15, 0.151])
+    images = events.Images("validation_overlay")
+    assert [im.step for im in images] == [1, 2]
+    # 4 validation images of 96 x 96, each a row: image | prediction | errors, with 2-pixel gaps, 4-pixel between rows
+    assert (images[-1].width, images[-1].height) == (3 * 96 + 2 * 2, 4 * 96 + 3 * 4)
+
+
+def test_train_and_evaluate_write_per_image_results_masks_and_overlays(trained):
+    root, _ = trained
+    wf = run(workflow(root, ("train.json", "evaluate.json")))
+    out = root / "eval"
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(rows) == summary["images"] == 4
+    for key in ("val_accuracy", "val_f1_pos", "val_f1_neg", "val_iou_pos", "val_pxap", "val_fpr"):
+        assert 0.0 <= summary[key] <= 1.0
+    # the summary is the mean of the per-image scores, and F1- comes from the same masks that were saved
+    assert np.mean([float(r["val_f1_neg"]) for r in rows]) == pytest.approx(summary["val_f1_neg"], abs=1e-5)
+    assert np.mean([int(r["correct"]) for r in rows]) == pytest.approx(summary["val_accuracy"])
+    for row in rows:
+        stem = Path(row["image"]).name.split(".")[0]
+        mask = np.array(Image.open(out / "masks" / f"{stem}_mask.png"))
+        truth = np.array(Image.open(Path(row["image"]).with_name(f"{stem}_anno.png"))) > 0
+        assert mask.shape == truth.shape and set(np.unique(mask)) <= {0, 255}
+        predicted = mask > 0
+        dice_bg = 2 * (~predicted & ~truth).sum() / ((~predicted).sum() + (~truth).sum())
+        assert dice_bg == pytest.approx(float(row["val_f1_neg"]), abs=1e-4)
+        assert (out / "overlays" / f"{stem}_overlay.png").is_file()
+    assert wf.parser.get_parsed_content("eval_split") == "validation"
+
+
+def test_inference_writes_masks_and_class_csv(trained, tmp_path):
+    root, _ = trained
+    wf = run(
+        workflow(
+            root, ("inference.json",), "infer", dataset_dir=str(root / "data" / "synthetic"), output_dir=str(tmp_path)
+        )
+    )
+    images = sorted(p for p in (root / "data" / "synthetic").glob("*.png") if not p.stem.endswith("_anno"))
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert [Path(r["image"]).name for r in rows] == [p.name for p in images]
+    for row in rows:
+        probs = [float(row["prob_benign"]), float(row["prob_malignant"])]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert row["pred_name"] == ("benign", "malignant")[int(np.argmax(probs))]
+        assert float(row["prob"]) == pytest.approx(max(probs), abs=1e-6)
+    for image in images:
+        mask = np.array(Image.open(tmp_path / f"{image.stem}_mask.png"))
+        assert mask.shape == np.array(Image.open(image)).shape[:2] and set(np.unique(mask)) <= {0, 255}
+    assert wf.evaluator.state.iteration == len(images)
+
+
+def test_verify_metadata_net_in_out_and_ckpt_export(trained, tmp_path):
+    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
+    root, _ = trained
+    meta, inference = str(CONFIGS / "metadata.json"), str(CONFIGS / "inference.json")
+    verify_metadata(meta_file=meta, filepath=str(REPO / "tests" / "data" / "meta_schema.json"))
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=inference, n=4, bundle_root=str(root))
+    ts_file = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_file),
+        ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=meta,
+        config_file=inference,
+        use_trace=True,
+        input_shape=[1, 3, 128, 128],
+        bundle_root=str(root),
+    )
+    exported = torch.jit.load(str(ts_file))
+    wf = ConfigWorkflow(config_file=inference, workflow_type="infer", bundle_root=str(root), logging_file=False)
+    net = wf.parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = write_synthetic_histology(tmp_path / "data", num_train=8, num_valid=4, size=(96, 96), seed=3)
+    full = run(workflow(tmp_path / "full", dataset_dir=str(data), max_epochs=4, crop_size=64, resize_short_side=80))
+    run(workflow(tmp_path / "split", dataset_dir=str(data), max_epochs=2, crop_size=64, resize_short_side=80))
+    resumed = run(
+        workflow(
+            tmp_path / "split", dataset_dir=str(data), max_epochs=4, crop_size=64, resize_short_side=80, resume=True
+        )
+    )
+    assert resumed.trainer.state.epoch == 4
+    a = full.parser.get_parsed_content("network").state_dict()
+    b = resumed.parser.get_parsed_content("network").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert float(b["sigma"]) == pytest.approx(0.154)
+    assert float(resumed.parser.get_parsed_content("loss").barrier.t) == pytest.approx(5 * 1.01**4)
+    m_full = full.parser.get_parsed_content("validate#evaluator").state.metrics
+    m_resumed = resumed.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert m_full.keys() == m_resumed.keys()
+    for key in m_full:
+        assert m_resumed[key] == pytest.approx(m_full[key], abs=1e-5), key
+    # the best model was selected from all 4 epochs in both runs
+    best_full = torch.load(tmp_path / "full" / "models" / "model.pt", weights_only=True)
+    best_resumed = torch.load(tmp_path / "split" / "models" / "model.pt", weights_only=True)
+    for key in best_full:
+        torch.testing.assert_close(best_full[key], best_resumed[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_checkpoint_says_so(tmp_path):
+    wf = workflow(tmp_path, resume=True)
+    wf.initialize()
+    with pytest.raises(RuntimeError) as info:  # MONAI's config wraps the error; the user sees both
+        wf.run()
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert "holds no checkpoint_epoch=N.pt" in str(info.value.__cause__)
+
+
+def test_multi_gpu_config_runs_two_gloo_processes_on_cpu(tmp_path):
+    data = write_synthetic_histology(tmp_path / "data", num_train=8, num_valid=4, size=(96, 96), seed=0)
+    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "--config_file", configs, "--meta_file", str(CONFIGS / "metadata.json"),
+        "--logging_file", str(CONFIGS / "logging.conf"), "--bundle_root", str(tmp_path / "root"),
+        "--dataset_dir", str(data), "--max_epochs", "2", "--crop_size", "64", "--resize_short_side", "80",
+        "--num_workers", "0", "--progress_bar", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    # one logging process (rank 0): two validation summaries, one per epoch
+    assert log.count("Epoch[2] Metrics -- val_accuracy") == 1, log[-3000:]
+    assert (tmp_path / "root" / "models" / "model.pt").is_file()
+    assert (tmp_path / "root" / "models" / "checkpoint_epoch=2.pt").is_file()
+    state = torch.load(tmp_path / "root" / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # saved without the DDP wrapper
