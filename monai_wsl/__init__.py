@@ -6,4 +6,15 @@ __version__ = "0.1.0"
 
 from . import data, handlers, inferers, losses, metrics, networks, transforms, utils, visualize
 
-__all__ = ["data", "handlers", "inferers", "losses", "metrics", "networks", "transforms", "utils", "visualize"]
+__all__ = [
+    "data",
+    "handlers",
+    "inferers",
+    "losses",
+    "methods",
+    "metrics",
+    "networks",
+    "transforms",
+    "utils",
+    "visualize",
+]

@@ -27,6 +27,7 @@ SMALL = {
     "num_workers": 0,
     "progress_bar": False,
     "max_epochs": 2,
+    "overlay_interval": 1,
 }
 
 

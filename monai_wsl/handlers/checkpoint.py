@@ -9,6 +9,8 @@ from typing import Any
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from monai_wsl.utils import as_bool
+
 __all__ = ["ResumableCheckpointSaver", "latest_checkpoint", "checkpoint_to_resume", "attach_checkpointing"]
 
 
@@ -46,7 +48,7 @@ def latest_checkpoint(ckpt_dir: str | Path, pattern: str = r"checkpoint_epoch=(\
 def checkpoint_to_resume(ckpt_dir: str | Path, resume: bool = True) -> str | None:
     """The checkpoint a ``resume`` run continues from: :func:`latest_checkpoint` of ``ckpt_dir``; None when not
     resuming. Raises ``FileNotFoundError`` when resuming without any checkpoint."""
-    if not resume:
+    if not as_bool(resume):
         return None
     path = latest_checkpoint(ckpt_dir)
     if path is None:
@@ -71,7 +73,7 @@ def attach_checkpointing(
 
     Returns the trainer, for chaining in a config's ``run`` list.
     """
-    if resume:
+    if as_bool(resume):
         CheckpointLoader(
             load_path=checkpoint_to_resume(ckpt_dir, True), load_dict=training_state, map_location=map_location
         ).attach(trainer)

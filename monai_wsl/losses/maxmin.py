@@ -18,8 +18,7 @@ __all__ = ["MaxMinUncertaintyLoss", "MaxMinLoss", "as_class_labels"]
 def as_class_labels(target: torch.Tensor, num_classes: int, batch_size: int) -> torch.Tensor:
     """Image-level labels ``(B,)`` or ``(B, 1)`` (integer-valued) -> ``(B,)`` long, checked to lie in
     ``[0, num_classes)``."""
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target)
+    target = target.as_tensor() if hasattr(target, "as_tensor") else torch.as_tensor(target)
     if target.ndim == 2 and target.shape[1] == 1:
         target = target[:, 0]
     if target.ndim != 1 or target.shape[0] != batch_size:
@@ -97,7 +96,8 @@ class MaxMinUncertaintyLoss(_Loss):
         if not isinstance(input, Mapping) or any(k not in input for k in self.KEYS):
             got = sorted(input) if isinstance(input, Mapping) else type(input).__name__
             raise ValueError(f"expected the network's dict output with keys {self.KEYS}, got {got}.")
-        logits, mask = input["logits"], input["mask"]
+        # Plain tensors: a MetaTensor batch's per-image meta data would not survive the flattening below.
+        logits, mask = (x.as_tensor() if hasattr(x, "as_tensor") else x for x in (input["logits"], input["mask"]))
         if logits.ndim != 2:
             raise ValueError(f"expected logits of shape (B, K), got {tuple(logits.shape)}.")
         batch, num_classes = logits.shape

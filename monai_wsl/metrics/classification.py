@@ -12,8 +12,7 @@ __all__ = ["as_class_indices", "compute_classification_error", "ClassificationEr
 
 def as_class_indices(x: torch.Tensor, name: str) -> torch.Tensor:
     """``(B, K)`` scores / one-hot (K > 1) -> argmax; ``(B,)`` or ``(B, 1)`` indices pass through. Returns ``(B,)``."""
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
     if x.ndim == 0:
         x = x[None]
     if x.ndim == 2 and x.shape[1] > 1:

@@ -33,8 +33,8 @@ REGIONS = ("both", "foreground", "background")
 def check_mask(mask: torch.Tensor, name: str, binary: bool = False) -> torch.Tensor:
     """Validate a mask ``(B, 1, *spatial)`` (or ``(B, 2, *spatial)`` ``[background, foreground]``, whose
     foreground channel is used) with values in [0, 1] (``{0, 1}`` when ``binary``); returns ``(B, 1, *spatial)``."""
-    if not isinstance(mask, torch.Tensor):
-        mask = torch.as_tensor(mask)
+    # Plain tensors: MONAI's per-image meta data does not survive the flattening and pooling done here.
+    mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
     if mask.ndim < 3 or mask.shape[1] not in (1, 2):
         raise ValueError(f"{name} must have shape (B, 1, *spatial), got {tuple(mask.shape)}.")
     if mask.shape[1] == 2:

@@ -4,6 +4,8 @@ from .blocks import CAMHead, WildcatHead, WildcatPool, wildcat_pool
 from .nets import (
     ENCODERS,
     CAMClassifier,
+    DeepMILNet,
+    GradCAMClassifier,
     MaxMinUncertaintyNet,
     build_encoder,
     load_encoder_weights,

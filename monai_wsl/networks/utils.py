@@ -10,9 +10,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample", "minmax_normalize", "normalized_map", "soft_mask", "resize_by"]
+__all__ = ["upsample", "minmax_normalize", "normalized_map", "soft_mask", "resize_by", "as_plain_tensor"]
 
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def as_plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without MONAI's meta data (a ``MetaTensor`` viewed as a plain tensor; anything else unchanged)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def upsample(maps: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:

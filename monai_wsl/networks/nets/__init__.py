@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from .base import OUTPUTS, WSLNetBase
 from .cam import CAMClassifier, CAMNet, camnet, class_map_of
+from .deepmil import DeepMIL, DeepMILNet, deepmilnet
 from .encoders import (
     ENCODERS,
     EfficientNetLite0Encoder,
@@ -10,4 +11,5 @@ from .encoders import (
     efficientnet_lite0_weights_path,
     load_encoder_weights,
 )
+from .gradcam import CAM_METHODS, GradCAMClassifier, GradCAMNet, gradcamnet
 from .maxmin import MaxMinNet, MaxMinUncertaintyNet, maxminnet

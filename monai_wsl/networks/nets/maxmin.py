@@ -11,7 +11,7 @@ import torch.nn as nn
 from monai_wsl.networks.blocks.wildcat import WildcatHead
 from monai_wsl.networks.nets.base import WSLNetBase
 from monai_wsl.networks.nets.encoders import build_encoder
-from monai_wsl.networks.utils import resize_by, soft_mask
+from monai_wsl.networks.utils import as_plain_tensor, resize_by, soft_mask
 
 __all__ = ["MaxMinUncertaintyNet", "MaxMinNet", "maxminnet"]
 
@@ -121,8 +121,10 @@ class MaxMinUncertaintyNet(WSLNetBase):
             return self.mask_output(mask)
         if self.output == "logits":
             return self.classify(x * mask)
-        # x * M and x * (1 - M) in one batch: one encoder call instead of two.
-        logits_fg, logits_bg = self.classify(torch.cat([x * mask, x * (1 - mask)], 0)).split(x.shape[0])
+        # x * M and x * (1 - M) in one batch: one encoder call instead of two. Plain tensors: a MetaTensor batch
+        # carries per-image meta data that a doubled batch would not match.
+        xs, ms = as_plain_tensor(x), as_plain_tensor(mask)
+        logits_fg, logits_bg = self.classify(torch.cat([xs * ms, xs * (1 - ms)], 0)).split(x.shape[0])
         return {"logits": logits_fg, "logits_bg": logits_bg, "logits_loc": scores, "mask": mask, "cams": maps}
 
 
