@@ -1,0 +1,345 @@
+"""Reproduce the paper's comparison through the bundle: train and evaluate every method and variant on GlaS, then
+write the table (and a figure of masks) in the paper's form.
+
+Every run is the bundle's own ``train.json`` (+ ``evaluate.json``) with one override set, so runs differ only in
+the method or the loss switch. Each lives in ``<out>/<run>/seed<k>/`` (models, TensorBoard logs, evaluations);
+the table is read back from the saved ``summary.json`` / ``per_image.csv`` files, so a second call without ``--run``
+regenerates it.
+
+    # the 67 / 18 development split, reduced CPU schedule (what docs/results.md reports)
+    python scripts/report.py --src ../shared/data/glas --out runs/glas --run \
+        --max-epochs 20 --crop-size 224 --resize-short-side 240
+    # regenerate the table and the figure from the saved evaluations
+    python scripts/report.py --out runs/glas
+    # the paper's protocol on a full GlaS release: 67 / 18 selection split, 80 epochs, test on testA + testB
+    python scripts/report.py --src GLAS_RELEASE --splits ../shared/data/glas/splits --out runs/paper --run \
+        --eval-split test --groups methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+
+@dataclass
+class Run:
+    group: str
+    name: str
+    label: str
+    train: dict = field(default_factory=dict)  # bundle overrides for training (and evaluation)
+    same_as: str | None = None  # reuse another run's evaluations (the same training)
+    weights_of: str | None = None  # evaluate another run's trained model with these overrides
+    evaluate: dict = field(default_factory=dict)
+
+
+RUNS = [
+    Run("methods", "maxmin_sem", "Max-min (SEM), ours", {"method": "maxmin"}),
+    Run("methods", "maxmin_eem", "Max-min (EEM), ours", {"method": "maxmin", "loss_def#bg_term": "eem"}),
+    Run("methods", "deepmil", "Deep MIL (attention)", {"method": "deepmil"}),
+    Run("methods", "wildcat", "WILDCAT", {"method": "wildcat"}),
+    Run("methods", "gradcam", "Grad-CAM", weights_of="cam", evaluate={"method": "gradcam"}),
+    Run("methods", "gradcampp", "Grad-CAM++", weights_of="cam", evaluate={"method": "gradcampp"}),
+    Run("methods", "cam", "CAM (GAP)", {"method": "cam"}),
+    Run("methods", "cam_max", "CAM-Max", {"method": "cam_max"}),
+    Run("methods", "cam_lse", "CAM-LSE", {"method": "cam_lse"}),
+    Run("ablation", "fg", "FG", {"method": "maxmin", "loss_def#lambda_bg": 0.0, "loss_def#size_constraint": False}),
+    Run("ablation", "fg_bg_sem", "FG + BG (SEM)", {"method": "maxmin", "loss_def#size_constraint": False}),
+    Run(
+        "ablation",
+        "fg_bg_eem",
+        "FG + BG (EEM)",
+        {"method": "maxmin", "loss_def#size_constraint": False, "loss_def#bg_term": "eem"},
+    ),
+    Run("ablation", "fg_bg_asc", "FG + BG (SEM) + ASC", same_as="maxmin_sem"),
+    Run("lambda", "lambda_1e-7", "lambda = 1e-7 (paper)", same_as="maxmin_sem"),
+    Run("lambda", "lambda_1e-3", "lambda = 1e-3", {"method": "maxmin", "loss_def#lambda_bg": 1e-3}),
+    Run("lambda", "lambda_1e-2", "lambda = 1e-2", {"method": "maxmin", "loss_def#lambda_bg": 1e-2}),
+    Run("lambda", "lambda_1e-1", "lambda = 1e-1", {"method": "maxmin", "loss_def#lambda_bg": 1e-1}),
+    Run("sigma", "sigma_paper", "sigma 0.15 + 0.001 / epoch, max 0.2 (paper)", same_as="maxmin_sem"),
+    Run("sigma", "sigma_fixed", "sigma fixed at 0.15", {"method": "maxmin", "sigma_step": 0.0}),
+    Run(
+        "sigma",
+        "sigma_fast",
+        "sigma 0.15 + 0.005 / epoch, max 0.25",
+        {"method": "maxmin", "sigma_step": 0.005, "sigma_max": 0.25},
+    ),
+]
+GROUPS = {
+    "methods": "Methods (same data, encoder, recipe and metrics; only --method differs)",
+    "ablation": "Ablation of the max-min loss (loss switches)",
+    "lambda": "Background weight lambda (SEM, with ASC)",
+    "sigma": "Mask threshold schedule sigma (SEM, lambda 1e-7, with ASC)",
+}
+COLUMNS = [  # summary.json key, header, scale
+    ("val_accuracy", "cl. err. (%)", "error"),
+    ("val_f1_pos", "F1+ (%)", 100),
+    ("val_f1_neg", "F1- (%)", 100),
+    ("val_iou_pos", "IoU+ (%)", 100),
+    ("val_iou_neg", "IoU- (%)", 100),
+    ("val_pxap", "PxAP (%)", 100),
+    ("val_fpr", "pixel FPR (%)", 100),
+]
+
+
+def _by_name() -> dict[str, Run]:
+    return {r.name: r for r in RUNS}
+
+
+def _arg(value) -> str:
+    return repr(value) if isinstance(value, bool) else str(value)
+
+
+def _bundle(config_files: list[str], overrides: dict, log: Path) -> float:
+    """Run the bundle in a subprocess (as a user would), logging to ``log``; returns the wall time."""
+    configs = str(config_files[0]) if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
+    cmd += ["--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", _arg(value)]
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode:
+        raise RuntimeError(f"bundle run failed (exit {done.returncode}): see {log}")
+    return time.perf_counter() - start
+
+
+def run_all(args, runs: list[Run]) -> None:
+    from monai_wsl.data import create_glas_datalist
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    datalist = out / "datalist.json"
+    if not datalist.is_file():
+        content = create_glas_datalist(args.src, splits_dir=args.splits, seed=args.split_seed)
+        datalist.write_text(json.dumps(content, indent=1))
+    recipe = {k: v for k, v in (("max_epochs", args.max_epochs), ("crop_size", args.crop_size),
+                                ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
+    common = {"dataset_dir": datalist, "progress_bar": False, "num_workers": args.num_workers, **recipe}
+    by_name = _by_name()
+    order = [r for r in runs if r.same_as is None and r.weights_of is None]
+    order += [r for r in runs if r.weights_of is not None]
+    for run in order:
+        for seed in args.seeds:
+            root = out / run.name / f"seed{seed}"
+            summary = root / f"eval_{args.eval_split}" / "summary.json"
+            if summary.is_file():
+                print(f"[skip] {run.name} seed {seed}: {summary} exists", flush=True)
+                continue
+            root.mkdir(parents=True, exist_ok=True)
+            if run.weights_of is None:
+                overrides = {**common, **run.train, "bundle_root": root, "seed": seed}
+                if not (root / "models" / "model.pt").is_file():
+                    print(f"[train] {run.name} seed {seed}", flush=True)
+                    seconds = _bundle([str(CONFIGS / "train.json")], overrides, root / "train.log")
+                    (root / "train_time.json").write_text(json.dumps({"seconds": seconds}))
+                checkpoint = root / "models" / "model.pt"
+            else:
+                source = by_name[run.weights_of]
+                overrides = {**common, **source.train, **run.evaluate, "bundle_root": root, "seed": seed}
+                checkpoint = out / source.name / f"seed{seed}" / "models" / "model.pt"
+                if not checkpoint.is_file():
+                    raise FileNotFoundError(f"{run.name} evaluates {checkpoint}: train {source.name} first")
+            print(f"[evaluate] {run.name} seed {seed} on {args.eval_split}", flush=True)
+            evaluation = {**overrides, **run.evaluate, "eval_split": args.eval_split, "checkpoint": checkpoint}
+            evaluation["output_dir"] = root / f"eval_{args.eval_split}"
+            configs = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+            _bundle(configs, evaluation, root / f"eval_{args.eval_split}.log")
+
+
+def _results_dir(out: Path, run: Run) -> Path:
+    return out / (run.same_as or run.name)
+
+
+def collect(out: Path, eval_split: str, runs: list[Run]) -> dict[str, dict]:
+    """Per run: the list of summaries (one per seed found) and the training times."""
+    found = {}
+    for run in runs:
+        summaries, times = [], []
+        for seed_dir in sorted(_results_dir(out, run).glob("seed*")):
+            summary = seed_dir / f"eval_{eval_split}" / "summary.json"
+            if summary.is_file():
+                summaries.append(json.loads(summary.read_text()))
+                timing = seed_dir / "train_time.json"
+                if timing.is_file():
+                    times.append(json.loads(timing.read_text())["seconds"])
+        if summaries:
+            found[run.name] = {"summaries": summaries, "times": times, "seeds": len(summaries)}
+    return found
+
+
+def _cell(values: list[float], scale) -> str:
+    if scale == "error":
+        values = [100 * (1 - v) for v in values]
+    else:
+        values = [scale * v for v in values]
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    mean = float(np.mean(values))
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} +- {float(np.std(values, ddof=1)):.2f}"
+
+
+def all_ones_row(out: Path, eval_split: str) -> str | None:
+    """The trivial all-foreground mask on the same images (F1- = 0; PxAP = the foreground share)."""
+    datalist = out / "datalist.json"
+    if not datalist.is_file():
+        return None
+    from PIL import Image
+
+    items = json.loads(datalist.read_text()).get(eval_split) or []
+    f1, iou, positives, pixels = [], [], 0, 0
+    for item in items:
+        g = np.array(Image.open(item["mask"])) > 0
+        g = g.any(-1) if g.ndim == 3 else g
+        f1.append(2 * g.sum() / (g.size + g.sum()))
+        iou.append(g.sum() / g.size)
+        positives, pixels = positives + g.sum(), pixels + g.size
+    if not items:
+        return None
+    cells = ["-", f"{100 * np.mean(f1):.2f}", "0.00", f"{100 * np.mean(iou):.2f}", "0.00"]
+    cells += [f"{100 * positives / pixels:.2f}", "100.00"]
+    return "| All-ones mask (reference) | " + " | ".join(cells) + " | - | - |"
+
+
+def table(out: Path, eval_split: str, runs: list[Run]) -> str:
+    found = collect(out, eval_split, runs)
+    header = "| " + " | ".join(["Method"] + [c[1] for c in COLUMNS] + ["seeds", "train min / seed"]) + " |"
+    rule = "|" + "---|" * (len(COLUMNS) + 3)
+    lines = []
+    for group, title in GROUPS.items():
+        members = [r for r in runs if r.group == group and r.name in found]
+        if not members:
+            continue
+        lines += [f"### {title}", "", header, rule]
+        for run in members:
+            data = found[run.name]
+            cells = [_cell([s[key] for s in data["summaries"]], scale) for key, _, scale in COLUMNS]
+            minutes = f"{np.mean(data['times']) / 60:.1f}" if data["times"] else "-"
+            lines.append(f"| {run.label} | " + " | ".join(cells) + f" | {data['seeds']} | {minutes} |")
+        if group == "methods":
+            reference = all_ones_row(out, eval_split)
+            if reference:
+                lines.append(reference)
+        lines.append("")
+    return "\n".join(lines) if lines else "no evaluation found"
+
+
+def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: Path) -> Path | None:
+    """image | ground truth | each method's mask, for the first ``num_images`` evaluated images."""
+    from PIL import Image, ImageDraw
+
+    members = [r for r in runs if r.group == "methods"]
+    columns = []
+    for run in members:
+        masks = sorted((_results_dir(out, run) / "seed0" / f"eval_{eval_split}" / "masks").glob("*_mask.png"))
+        if masks:
+            columns.append((run.label.replace(", ours", ""), {m.name[: -len("_mask.png")]: m for m in masks}))
+    datalist = out / "datalist.json"
+    if not columns or not datalist.is_file():
+        return None
+    items = [i for i in json.loads(datalist.read_text()).get(eval_split, []) if Path(i["image"]).stem in columns[0][1]]
+    items = items[:num_images]
+    tile = 180
+    teal = np.array([0, 190, 215], dtype=np.float32)
+
+    def thumb(array: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(array.astype(np.uint8))
+        return np.array(image.resize((tile * image.width // image.height, tile), Image.BILINEAR))
+
+    rows = []
+    for item in items:
+        rgb = np.array(Image.open(item["image"]).convert("RGB")).astype(np.float32)
+        gt = np.array(Image.open(item["mask"])) > 0
+        gt = gt.any(-1) if gt.ndim == 3 else gt
+        panels = [rgb, np.where(gt[..., None], 0.55 * rgb + 0.45 * teal, rgb)]
+        for _, masks in columns:
+            m = np.array(Image.open(masks[Path(item["image"]).stem])) > 0
+            panels.append(np.where(m[..., None], 0.55 * rgb + 0.45 * teal, rgb))
+        thumbs = [thumb(p) for p in panels]
+        gap = np.full((tile, 4, 3), 255, dtype=np.uint8)
+        rows.append(np.concatenate([x for t in thumbs for x in (t, gap)][:-1], 1))
+    width = rows[0].shape[1]
+    titles = ["image", "ground truth"] + [label for label, _ in columns]
+    header = Image.new("RGB", (width, 22), "white")
+    draw = ImageDraw.Draw(header)
+    step = (width + 4) / len(titles)
+    for k, title in enumerate(titles):
+        draw.text((int(k * step) + 4, 5), title, fill="black")
+    body = [np.array(header)] + [x for r in rows for x in (r, np.full((4, width, 3), 255, dtype=np.uint8))]
+    Image.fromarray(np.concatenate(body, 0)).save(path)
+    return path
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder of the runs (created)")
+    parser.add_argument("--src", help="GlaS folder (Grade.csv, images, *_anno masks); needed with --run")
+    parser.add_argument("--splits", help="folder with fold0_train.csv / fold0_valid.csv (default: <src>/splits)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split when there are no fold files")
+    parser.add_argument("--run", action="store_true", help="train and evaluate the runs that have no evaluation yet")
+    parser.add_argument("--groups", default="methods,ablation,lambda,sigma", help=f"comma list of {list(GROUPS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--eval-split", default="validation", choices=["validation", "test"])
+    parser.add_argument("--max-epochs", type=int, help="override the recipe's 80 epochs")
+    parser.add_argument("--crop-size", type=int, help="override the recipe's 416 crops")
+    parser.add_argument("--resize-short-side", type=int, help="override the recipe's 432")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--figure-images", type=int, default=4)
+    args = parser.parse_args()
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown groups {sorted(unknown)}; choose from {list(GROUPS)}")
+    runs = [r for r in RUNS if r.group in groups]
+    needed = {r.same_as for r in runs if r.same_as} | {r.weights_of for r in runs if r.weights_of}
+    runs += [r for r in RUNS if r.name in needed and r not in runs and r.group not in groups]
+    out = Path(args.out)
+    if args.run:
+        if not args.src:
+            parser.error("--run needs --src (the GlaS folder)")
+        run_all(args, [r for r in runs])
+    selected = [r for r in runs if r.group in groups]
+    text = table(out, args.eval_split, selected)
+    print(text)
+    (out / f"table_{args.eval_split}.md").write_text(text + "\n")
+    picture = figure(out, args.eval_split, selected, args.figure_images, out / f"masks_{args.eval_split}.png")
+    if picture:
+        print(f"\nfigure: {picture}")
+    print(f"hardware: {hardware()}")
+
+
+if __name__ == "__main__":
+    main()
