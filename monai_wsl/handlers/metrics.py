@@ -22,38 +22,34 @@ def _identity(x):
     return x
 
 
-class PixelF1(IgniteMetricHandler):
+class _PixelRegionHandler(IgniteMetricHandler):
+    metric_class: type = PixelF1Metric
+
+    def __init__(
+        self,
+        region: str = "foreground",
+        threshold: float = 0.5,
+        ignore_empty: bool = True,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = _identity,
+        save_details: bool = True,
+    ) -> None:
+        metric_fn = self.metric_class(region, threshold, ignore_empty, reduction)
+        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+
+class PixelF1(_PixelRegionHandler):
     """F1+ (``region="foreground"``) or F1- (``"background"``) over the epoch; see
     :class:`~monai_wsl.metrics.PixelF1Metric`. ``output_transform`` must give ``(y_pred, y)``: soft or binary masks
     and binary ground truth, ``(B, 1, *spatial)`` batches or lists of ``(1, *spatial)`` items."""
 
-    def __init__(
-        self,
-        region: str = "foreground",
-        threshold: float = 0.5,
-        ignore_empty: bool = True,
-        reduction: MetricReduction | str = MetricReduction.MEAN,
-        output_transform: Callable = _identity,
-        save_details: bool = True,
-    ) -> None:
-        metric_fn = PixelF1Metric(region, threshold, ignore_empty, reduction)
-        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+    metric_class = PixelF1Metric
 
 
-class PixelIoU(IgniteMetricHandler):
+class PixelIoU(_PixelRegionHandler):
     """IoU+ / IoU- over the epoch; arguments as :class:`PixelF1`."""
 
-    def __init__(
-        self,
-        region: str = "foreground",
-        threshold: float = 0.5,
-        ignore_empty: bool = True,
-        reduction: MetricReduction | str = MetricReduction.MEAN,
-        output_transform: Callable = _identity,
-        save_details: bool = True,
-    ) -> None:
-        metric_fn = PixelIoUMetric(region, threshold, ignore_empty, reduction)
-        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+    metric_class = PixelIoUMetric
 
 
 class PixelFPR(IgniteMetricHandler):
