@@ -221,3 +221,15 @@ def test_multi_gpu_config_runs_two_gloo_processes_on_cpu(tmp_path):
     assert (tmp_path / "root" / "models" / "checkpoint_epoch=2.pt").is_file()
     state = torch.load(tmp_path / "root" / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # saved without the DDP wrapper
+
+
+@pytest.mark.parametrize("method", ["gradcam", "deepmil", "cam_lse"])
+def test_baselines_train_and_validate_through_the_same_bundle(method, tmp_path):
+    data = write_synthetic_histology(tmp_path / "data", num_train=8, num_valid=4, size=(96, 96), seed=0)
+    wf = run(workflow(tmp_path / "root", dataset_dir=str(data), method=method, max_epochs=1))
+    metrics = wf.parser.get_parsed_content("validate#evaluator").state.metrics
+    for name in ("val_accuracy", "val_f1_pos", "val_f1_neg", "val_pxap", "val_fpr"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert "loss_ce" in wf.trainer.state.metrics  # the baseline's loss term, logged like the max-min ones
+    net = wf.parser.get_parsed_content("network")
+    assert type(net).__name__ == {"gradcam": "GradCAMClassifier", "deepmil": "DeepMILNet"}.get(method, "CAMClassifier")

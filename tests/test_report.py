@@ -1,0 +1,79 @@
+"""scripts/report.py regenerates the comparison table and figure from saved evaluations."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_report():
+    spec = importlib.util.spec_from_file_location("report", REPO / "scripts" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["report"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary(accuracy, f1_pos, f1_neg, pxap):
+    return {"images": 2, "val_accuracy": accuracy, "val_f1_pos": f1_pos, "val_f1_neg": f1_neg,
+            "val_iou_pos": 0.5, "val_iou_neg": 0.4, "val_pxap": pxap, "val_fpr": 0.3}  # fmt: skip
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Two validation images with masks, and saved evaluations: max-min with 2 seeds, CAM with 1."""
+    items = []
+    for i, fg in enumerate((0.25, 0.5)):
+        image, mask = tmp_path / f"img{i}.png", tmp_path / f"img{i}_anno.png"
+        Image.fromarray(np.full((8, 10, 3), 100, dtype=np.uint8)).save(image)
+        m = np.zeros((8, 10), dtype=np.uint8)
+        m[: int(8 * fg)] = 255
+        Image.fromarray(m).save(mask)
+        items.append({"image": str(image), "label": i, "mask": str(mask)})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": items}))
+    runs = {("maxmin_sem", 0): summary(1.0, 0.70, 0.60, 0.80), ("maxmin_sem", 1): summary(0.5, 0.60, 0.70, 0.70)}
+    runs[("cam", 0)] = summary(1.0, 0.66, 0.20, 0.50)
+    for (name, seed), content in runs.items():
+        folder = tmp_path / name / f"seed{seed}" / "eval_validation"
+        (folder / "masks").mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(content))
+        for i in range(2):
+            Image.fromarray(np.full((8, 10), 255 * (name == "cam"), dtype=np.uint8)).save(
+                folder / "masks" / f"img{i}_mask.png"
+            )
+    (tmp_path / "maxmin_sem" / "seed0" / "train_time.json").write_text(json.dumps({"seconds": 120}))
+    return tmp_path
+
+
+def test_table_from_saved_evaluations(saved):
+    report = load_report()
+    text = report.table(saved, "validation", report.RUNS)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    # mean +- sample std over the two seeds; classification error in %
+    assert "| 25.00 +- 35.36 | 65.00 +- 7.07 | 65.00 +- 7.07 |" in rows["Max-min (SEM), ours"]
+    assert rows["Max-min (SEM), ours"].endswith("| 2 | 2.0 |")
+    assert "| 0.00 | 66.00 | 20.00 |" in rows["CAM (GAP)"]
+    # the full max-min run is reused as the FG + BG + ASC row of the ablation and the paper's lambda
+    assert rows["FG + BG (SEM) + ASC"].split(" | ")[1:] == rows["Max-min (SEM), ours"].split(" | ")[1:]
+    assert "lambda = 1e-7 (paper)" in rows and "Grad-CAM" not in rows  # no evaluation of Grad-CAM was saved
+    # the all-ones mask on the two images: F1+ = mean(2|G| / (N + |G|)), PxAP = pooled foreground share
+    f1 = np.mean([2 * 20 / (80 + 20), 2 * 40 / (80 + 40)])
+    assert f"| {100 * f1:.2f} | 0.00 |" in rows["All-ones mask (reference)"]
+    assert f"| {100 * 60 / 160:.2f} | 100.00 |" in rows["All-ones mask (reference)"]
+
+
+def test_figure_has_a_column_per_method(saved):
+    report = load_report()
+    path = report.figure(saved, "validation", report.RUNS, 2, saved / "fig.png")
+    picture = np.array(Image.open(path))
+    # header + 2 rows of 180-pixel tiles; image, ground truth, max-min SEM and CAM columns (4 tiles of 225 + gaps)
+    assert picture.shape[0] == 22 + 2 * (180 + 4)
+    assert picture.shape[1] == 4 * 225 + 3 * 4
