@@ -134,6 +134,16 @@ def test_inference_writes_masks_and_class_csv(trained, tmp_path):
         mask = np.array(Image.open(tmp_path / f"{image.stem}_mask.png"))
         assert mask.shape == np.array(Image.open(image)).shape[:2] and set(np.unique(mask)) <= {0, 255}
     assert wf.evaluator.state.iteration == len(images)
+    # NIfTI on request: the same masks, 0 / 1 (NIfTI keeps MONAI's (W, H) axes of a PNG-read image)
+    nifti = tmp_path / "nifti"
+    run(workflow(root, ("inference.json",), "infer", dataset_dir=str(root / "data" / "synthetic"),
+                 output_dir=str(nifti), output_ext=".nii.gz"))  # fmt: skip
+    import nibabel as nib
+
+    for image in images:
+        labels = np.asarray(nib.load(nifti / f"{image.stem}_mask.nii.gz").dataobj)
+        png = np.array(Image.open(tmp_path / f"{image.stem}_mask.png")) > 0
+        assert set(np.unique(labels)) <= {0, 1} and np.array_equal(labels.T.astype(bool), png)
 
 
 def test_verify_metadata_net_in_out_and_ckpt_export(trained, tmp_path):
