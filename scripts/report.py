@@ -311,6 +311,7 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the split when there are no fold files")
     parser.add_argument("--run", action="store_true", help="train and evaluate the runs that have no evaluation yet")
     parser.add_argument("--groups", default="methods,ablation,lambda,sigma", help=f"comma list of {list(GROUPS)}")
+    parser.add_argument("--runs", help="comma list of run names to keep within the groups (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--eval-split", default="validation", choices=["validation", "test"])
     parser.add_argument("--max-epochs", type=int, help="override the recipe's 80 epochs")
@@ -324,14 +325,20 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown groups {sorted(unknown)}; choose from {list(GROUPS)}")
     runs = [r for r in RUNS if r.group in groups]
+    if args.runs:
+        names = {n.strip() for n in args.runs.split(",") if n.strip()}
+        unknown = names - {r.name for r in RUNS}
+        if unknown:
+            parser.error(f"unknown runs {sorted(unknown)}; choose from {[r.name for r in RUNS]}")
+        runs = [r for r in runs if r.name in names]
+    selected = list(runs)  # what the table shows; below, the runs they reuse or evaluate are added
     needed = {r.same_as for r in runs if r.same_as} | {r.weights_of for r in runs if r.weights_of}
-    runs += [r for r in RUNS if r.name in needed and r not in runs and r.group not in groups]
+    runs += [r for r in RUNS if r.name in needed and r not in runs]
     out = Path(args.out)
     if args.run:
         if not args.src:
             parser.error("--run needs --src (the GlaS folder)")
-        run_all(args, [r for r in runs])
-    selected = [r for r in runs if r.group in groups]
+        run_all(args, runs)
     text = table(out, args.eval_split, selected)
     print(text)
     (out / f"table_{args.eval_split}.md").write_text(text + "\n")

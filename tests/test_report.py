@@ -77,3 +77,36 @@ def test_figure_has_a_column_per_method(saved):
     # header + 2 rows of 180-pixel tiles; image, ground truth, max-min SEM and CAM columns (4 tiles of 225 + gaps)
     assert picture.shape[0] == 22 + 2 * (180 + 4)
     assert picture.shape[1] == 4 * 225 + 3 * 4
+
+
+def test_paper_protocol_end_to_end_on_a_full_release(tmp_path):
+    """prepare, train, select, test: one command on a GlaS-like release folder with testA / testB."""
+    import subprocess
+
+    from monai_wsl.data import synthetic_histology_sample
+
+    release = tmp_path / "release"
+    release.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["name,patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)"]
+    names = [f"train_{i}" for i in range(1, 9)] + ["testA_1", "testA_2", "testB_1", "testB_2"]
+    for k, name in enumerate(names):
+        label = k % 2
+        image, mask = synthetic_histology_sample(label, (96, 96), rng)
+        Image.fromarray(image).save(release / f"{name}.bmp")
+        Image.fromarray((mask * (1 + k % 3)).astype(np.uint8)).save(release / f"{name}_anno.bmp")  # instance ids
+        rows.append(f"{name},{k}, {('benign', 'malignant')[label]}, x")
+    (release / "Grade.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "scripts" / "report.py"), "--src", str(release), "--out", str(out), "--run",
+           "--eval-split", "test", "--groups", "methods", "--runs", "maxmin_sem", "--max-epochs", "1",
+           "--crop-size", "64", "--resize-short-side", "80", "--num-workers", "0"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "| Max-min (SEM), ours |" in done.stdout and "| All-ones mask (reference) |" in done.stdout
+    test_summary = json.loads((out / "maxmin_sem" / "seed0" / "eval_test" / "summary.json").read_text())
+    assert test_summary["images"] == 4  # testA + testB
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert len(datalist["training"]) + len(datalist["validation"]) == 8
+    assert (out / "maxmin_sem" / "seed0" / "models" / "model.pt").is_file()  # selected on validation
+    assert (out / "table_test.md").read_text().count("| Max-min (SEM), ours |") == 1
