@@ -195,26 +195,32 @@ def _cell(values: list[float], scale) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} +- {float(np.std(values, ddof=1)):.2f}"
 
 
-def all_ones_row(out: Path, eval_split: str) -> str | None:
-    """The trivial all-foreground mask on the same images (F1- = 0; PxAP = the foreground share)."""
+def trivial_rows(out: Path, eval_split: str) -> list[str]:
+    """The all-foreground and all-background masks on the same images: each scores well on one of F1+ / F1- and
+    zero on the other, which is why both, and PxAP, are reported (a constant map's PxAP is the foreground share)."""
     datalist = out / "datalist.json"
-    if not datalist.is_file():
-        return None
+    items = json.loads(datalist.read_text()).get(eval_split) or [] if datalist.is_file() else []
+    if not items:
+        return []
     from PIL import Image
 
-    items = json.loads(datalist.read_text()).get(eval_split) or []
-    f1, iou, positives, pixels = [], [], 0, 0
+    f1_pos, f1_neg, iou_pos, iou_neg, positives, pixels = [], [], [], [], 0, 0
     for item in items:
         g = np.array(Image.open(item["mask"])) > 0
         g = g.any(-1) if g.ndim == 3 else g
-        f1.append(2 * g.sum() / (g.size + g.sum()))
-        iou.append(g.sum() / g.size)
-        positives, pixels = positives + g.sum(), pixels + g.size
-    if not items:
-        return None
-    cells = ["-", f"{100 * np.mean(f1):.2f}", "0.00", f"{100 * np.mean(iou):.2f}", "0.00"]
-    cells += [f"{100 * positives / pixels:.2f}", "100.00"]
-    return "| All-ones mask (reference) | " + " | ".join(cells) + " | - | - |"
+        fg, n = g.sum(), g.size
+        f1_pos.append(2 * fg / (n + fg))  # all ones: P = everything
+        iou_pos.append(fg / n)
+        f1_neg.append(2 * (n - fg) / (n + n - fg))  # all zeros: 1 - P = everything
+        iou_neg.append((n - fg) / n)
+        positives, pixels = positives + fg, pixels + n
+    share = f"{100 * positives / pixels:.2f}"
+    ones = ["-", f"{100 * np.mean(f1_pos):.2f}", "0.00", f"{100 * np.mean(iou_pos):.2f}", "0.00", share, "100.00"]
+    zeros = ["-", "0.00", f"{100 * np.mean(f1_neg):.2f}", "0.00", f"{100 * np.mean(iou_neg):.2f}", share, "0.00"]
+    return [
+        "| All-ones mask (reference) | " + " | ".join(ones) + " | - | - |",
+        "| All-zeros mask (reference) | " + " | ".join(zeros) + " | - | - |",
+    ]
 
 
 def table(out: Path, eval_split: str, runs: list[Run]) -> str:
@@ -233,9 +239,7 @@ def table(out: Path, eval_split: str, runs: list[Run]) -> str:
             minutes = f"{np.mean(data['times']) / 60:.1f}" if data["times"] else "-"
             lines.append(f"| {run.label} | " + " | ".join(cells) + f" | {data['seeds']} | {minutes} |")
         if group == "methods":
-            reference = all_ones_row(out, eval_split)
-            if reference:
-                lines.append(reference)
+            lines += trivial_rows(out, eval_split)
         lines.append("")
     return "\n".join(lines) if lines else "no evaluation found"
 
@@ -274,7 +278,8 @@ def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: P
         thumbs = [thumb(p) for p in panels]
         gap = np.full((tile, 4, 3), 255, dtype=np.uint8)
         rows.append(np.concatenate([x for t in thumbs for x in (t, gap)][:-1], 1))
-    width = rows[0].shape[1]
+    width = max(r.shape[1] for r in rows)  # images of other aspect ratios give narrower rows: pad them
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     titles = ["image", "ground truth"] + [label for label, _ in columns]
     header = Image.new("RGB", (width, 22), "white")
     draw = ImageDraw.Draw(header)

@@ -68,6 +68,10 @@ def test_table_from_saved_evaluations(saved):
     f1 = np.mean([2 * 20 / (80 + 20), 2 * 40 / (80 + 40)])
     assert f"| {100 * f1:.2f} | 0.00 |" in rows["All-ones mask (reference)"]
     assert f"| {100 * 60 / 160:.2f} | 100.00 |" in rows["All-ones mask (reference)"]
+    # the all-zeros mask: F1- = mean(2|B| / (N + |B|)) with |B| the background, FPR 0
+    f1_neg = np.mean([2 * 60 / (80 + 60), 2 * 40 / (80 + 40)])
+    assert f"| 0.00 | {100 * f1_neg:.2f} |" in rows["All-zeros mask (reference)"]
+    assert rows["All-zeros mask (reference)"].endswith("| 0.00 | - | - |")
 
 
 def test_figure_has_a_column_per_method(saved):
