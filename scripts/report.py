@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def _bundle(config_files: list[str], overrides: dict, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_all(args, runs: list[Run]) -> None:
+def run_all(args, runs: list[Run]) -> int:
+    """Train and evaluate what has no evaluation yet; returns the number of runs that failed."""
     from monai_wsl.data import create_glas_datalist
 
     out = Path(args.out)
@@ -132,35 +134,47 @@ def run_all(args, runs: list[Run]) -> None:
                                 ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
     common = {"dataset_dir": datalist, "progress_bar": False, "num_workers": args.num_workers, **recipe}
     by_name = _by_name()
-    order = [r for r in runs if r.same_as is None and r.weights_of is None]
-    order += [r for r in runs if r.weights_of is not None]
-    for run in order:
-        for seed in args.seeds:
-            root = out / run.name / f"seed{seed}"
-            summary = root / f"eval_{args.eval_split}" / "summary.json"
-            if summary.is_file():
-                print(f"[skip] {run.name} seed {seed}: {summary} exists", flush=True)
-                continue
-            root.mkdir(parents=True, exist_ok=True)
-            if run.weights_of is None:
-                overrides = {**common, **run.train, "bundle_root": root, "seed": seed}
-                if not (root / "models" / "model.pt").is_file():
-                    print(f"[train] {run.name} seed {seed}", flush=True)
-                    seconds = _bundle([str(CONFIGS / "train.json")], overrides, root / "train.log")
-                    (root / "train_time.json").write_text(json.dumps({"seconds": seconds}))
-                checkpoint = root / "models" / "model.pt"
-            else:
-                source = by_name[run.weights_of]
-                overrides = {**common, **source.train, **run.evaluate, "bundle_root": root, "seed": seed}
-                checkpoint = out / source.name / f"seed{seed}" / "models" / "model.pt"
-                if not checkpoint.is_file():
-                    raise FileNotFoundError(f"{run.name} evaluates {checkpoint}: train {source.name} first")
-            print(f"[evaluate] {run.name} seed {seed} on {args.eval_split}", flush=True)
-            evaluation = {**overrides, **run.evaluate, "eval_split": args.eval_split, "checkpoint": checkpoint}
-            evaluation["output_dir"] = root / f"eval_{args.eval_split}"
-            configs = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
-            _bundle(configs, evaluation, root / f"eval_{args.eval_split}.log")
 
+    def one(run: Run, seed: int) -> None:
+        root = out / run.name / f"seed{seed}"
+        summary = root / f"eval_{args.eval_split}" / "summary.json"
+        if summary.is_file():
+            print(f"[skip] {run.name} seed {seed}: {summary} exists", flush=True)
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        if run.weights_of is None:
+            overrides = {**common, **run.train, "bundle_root": root, "seed": seed}
+            if not (root / "train_time.json").is_file():  # no time saved: the training did not finish
+                print(f"[train] {run.name} seed {seed}", flush=True)
+                seconds = _bundle([str(CONFIGS / "train.json")], overrides, root / "train.log")
+                (root / "train_time.json").write_text(json.dumps({"seconds": seconds}))
+            checkpoint = root / "models" / "model.pt"
+        else:
+            source = by_name[run.weights_of]
+            overrides = {**common, **source.train, **run.evaluate, "bundle_root": root, "seed": seed}
+            checkpoint = out / source.name / f"seed{seed}" / "models" / "model.pt"
+            if not checkpoint.is_file():
+                raise FileNotFoundError(f"{run.name} evaluates {checkpoint}: train {source.name} first")
+        print(f"[evaluate] {run.name} seed {seed} on {args.eval_split}", flush=True)
+        evaluation = {**overrides, **run.evaluate, "eval_split": args.eval_split, "checkpoint": checkpoint}
+        evaluation["output_dir"] = root / f"eval_{args.eval_split}"
+        configs = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+        _bundle(configs, evaluation, root / f"eval_{args.eval_split}.log")
+        print(f"[done] {run.name} seed {seed}", flush=True)
+
+    # trainings first (``--jobs`` of them at once: a large GPU runs several), then the evaluations of their models
+    phases = [[r for r in runs if r.same_as is None and r.weights_of is None], [r for r in runs if r.weights_of]]
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for phase in phases:
+            futures = {pool.submit(one, run, seed): (run.name, seed) for run in phase for seed in args.seeds}
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except (RuntimeError, FileNotFoundError) as error:  # the others go on; reported at the end
+                    print(f"[failed] {futures[future][0]} seed {futures[future][1]}: {error}", flush=True)
+                    failures.append(error)
+    return len(failures)
 
 def _results_dir(out: Path, run: Run) -> Path:
     return out / (run.same_as or run.name)
@@ -323,6 +337,7 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, help="override the recipe's 416 crops")
     parser.add_argument("--resize-short-side", type=int, help="override the recipe's 432")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (e.g. 8 on one large GPU)")
     parser.add_argument("--figure-images", type=int, default=4)
     args = parser.parse_args()
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
@@ -340,10 +355,11 @@ def main() -> None:
     needed = {r.same_as for r in runs if r.same_as} | {r.weights_of for r in runs if r.weights_of}
     runs += [r for r in RUNS if r.name in needed and r not in runs]
     out = Path(args.out)
+    failed = 0
     if args.run:
         if not args.src:
             parser.error("--run needs --src (the GlaS folder)")
-        run_all(args, runs)
+        failed = run_all(args, runs)
     text = table(out, args.eval_split, selected)
     print(text)
     (out / f"table_{args.eval_split}.md").write_text(text + "\n")
@@ -351,6 +367,8 @@ def main() -> None:
     if picture:
         print(f"\nfigure: {picture}")
     print(f"hardware: {hardware()}")
+    if failed:
+        raise SystemExit(f"{failed} run(s) failed (their logs are in {out}); the table holds the others")
 
 
 if __name__ == "__main__":
