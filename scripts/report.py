@@ -176,6 +176,7 @@ def run_all(args, runs: list[Run]) -> int:
                     failures.append(error)
     return len(failures)
 
+
 def _results_dir(out: Path, run: Run) -> Path:
     return out / (run.same_as or run.name)
 
