@@ -96,10 +96,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN autotune each convolution shape first (off by default, as in training: on an H200 the "
+        "EfficientNet-lite0 run with it did not finish within a minute)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    if args.device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     r = run(args.encoder, args.size, args.batch, args.device, args.amp, args.steps, args.warmup, args.channels_last)
     print(f"device {r['device']}, encoder {r['encoder']}, input {tuple(r['input'])}, amp {r['amp']}")
     print(f"plain classifier : {r['plain_images_per_s']:8.2f} images/s")

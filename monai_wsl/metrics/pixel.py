@@ -59,7 +59,7 @@ def binarize(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 def pixel_confusion(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image pixel counts ``(B, 4)``: ``[TP, FP, FN, TN]`` of binary masks ``(B, 1, *spatial)``."""
     p = check_mask(y_pred, "y_pred", binary=True).bool()
-    g = check_mask(y, "y", binary=True).bool()
+    g = check_mask(y, "y", binary=True).bool().to(p.device)  # a ground truth kept on the CPU meets a GPU prediction
     if p.shape != g.shape:
         raise ValueError(
             f"y_pred and y must have the same shape, got {tuple(p.shape)} and {tuple(g.shape)}; map the prediction "

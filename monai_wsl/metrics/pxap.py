@@ -41,7 +41,7 @@ def compute_pxap(y_score: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Equal to ``sklearn.metrics.average_precision_score(y.flatten(), y_score.flatten())``.
     """
     s = check_mask(y_score, "y_score")
-    g = check_mask(y, "y", binary=True)
+    g = check_mask(y, "y", binary=True).to(s.device)
     if s.shape != g.shape:
         raise ValueError(f"y_score and y must have the same shape, got {tuple(s.shape)} and {tuple(g.shape)}.")
     return _average_precision(s, g)
@@ -75,7 +75,7 @@ class PixelAPMetric(CumulativeIterationMetric):
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         s = check_mask(y_pred, "y_pred")
-        g = check_mask(y, "y", binary=True)
+        g = check_mask(y, "y", binary=True).to(s.device)  # a ground truth kept on the CPU meets a GPU prediction
         if s.shape != g.shape:
             raise ValueError(f"y_pred and y must have the same shape, got {tuple(s.shape)} and {tuple(g.shape)}.")
         return torch.stack([s.flatten().float(), g.flatten().float()], 1)  # (pixels, 2)
