@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from monai_wsl import networks
 from monai_wsl.losses import MaxMinUncertaintyLoss, WSLCrossEntropyLoss
+from monai_wsl.utils import as_bool
 
 __all__ = ["METHODS", "build_network", "build_loss"]
 
@@ -77,8 +78,9 @@ def build_loss(
     t: float = 5.0,
 ) -> nn.Module:
     """:class:`MaxMinUncertaintyLoss` with these switches for ``maxmin``; plain cross-entropy on the logits for the
-    baselines (which ignore the switches)."""
+    baselines (which ignore the switches). ``size_constraint`` may come from the command line as ``"false"``."""
     _network_class(method)
     if method == "maxmin":
-        return MaxMinUncertaintyLoss(lambda_bg=lambda_bg, bg_term=bg_term, size_constraint=size_constraint, t=t)
+        switch = as_bool(size_constraint)
+        return MaxMinUncertaintyLoss(lambda_bg=float(lambda_bg), bg_term=bg_term, size_constraint=switch, t=t)
     return WSLCrossEntropyLoss()

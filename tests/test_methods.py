@@ -42,6 +42,14 @@ def test_methods_pick_their_classes_and_fixed_settings():
     assert isinstance(build_loss("gradcam"), WSLCrossEntropyLoss)
 
 
+def test_ablation_switch_from_the_command_line():
+    """``--loss_def#size_constraint false`` reaches the config as the string "false", which must switch ASC off."""
+    assert build_loss("maxmin", size_constraint="false").size_constraint is False
+    assert build_loss("maxmin", size_constraint="True").size_constraint is True
+    with pytest.raises(ValueError, match="yes/no"):
+        build_loss("maxmin", size_constraint="sometimes")
+
+
 def test_method_errors_are_clear():
     with pytest.raises(ValueError, match="method must be one of"):
         build_network("grad-cam", **COMMON)
