@@ -147,7 +147,7 @@ def run_all(args, runs: list[Run]) -> int:
             if not (root / "train_time.json").is_file():  # no time saved: the training did not finish
                 print(f"[train] {run.name} seed {seed}", flush=True)
                 seconds = _bundle([str(CONFIGS / "train.json")], overrides, root / "train.log")
-                (root / "train_time.json").write_text(json.dumps({"seconds": seconds}))
+                (root / "train_time.json").write_text(json.dumps({"seconds": seconds, "hardware": hardware()}))
             checkpoint = root / "models" / "model.pt"
         else:
             source = by_name[run.weights_of]
@@ -182,19 +182,22 @@ def _results_dir(out: Path, run: Run) -> Path:
 
 
 def collect(out: Path, eval_split: str, runs: list[Run]) -> dict[str, dict]:
-    """Per run: the list of summaries (one per seed found) and the training times."""
+    """Per run: the list of summaries (one per seed found), the training times and the machines they ran on."""
     found = {}
     for run in runs:
-        summaries, times = [], []
+        summaries, times, machines = [], [], set()
         for seed_dir in sorted(_results_dir(out, run).glob("seed*")):
             summary = seed_dir / f"eval_{eval_split}" / "summary.json"
             if summary.is_file():
                 summaries.append(json.loads(summary.read_text()))
                 timing = seed_dir / "train_time.json"
                 if timing.is_file():
-                    times.append(json.loads(timing.read_text())["seconds"])
+                    record = json.loads(timing.read_text())
+                    times.append(record["seconds"])
+                    if record.get("hardware"):
+                        machines.add(record["hardware"])
         if summaries:
-            found[run.name] = {"summaries": summaries, "times": times, "seeds": len(summaries)}
+            found[run.name] = {"summaries": summaries, "times": times, "seeds": len(summaries), "machines": machines}
     return found
 
 
@@ -256,6 +259,8 @@ def table(out: Path, eval_split: str, runs: list[Run]) -> str:
         if group == "methods":
             lines += trivial_rows(out, eval_split)
         lines.append("")
+    machines = sorted(set().union(*(data["machines"] for data in found.values()))) if found else []
+    lines += [f"Trained on: {machine}" for machine in machines]
     return "\n".join(lines) if lines else "no evaluation found"
 
 
@@ -367,7 +372,7 @@ def main() -> None:
     picture = figure(out, args.eval_split, selected, args.figure_images, out / f"masks_{args.eval_split}.png")
     if picture:
         print(f"\nfigure: {picture}")
-    print(f"hardware: {hardware()}")
+    print(f"this machine: {hardware()}")
     if failed:
         raise SystemExit(f"{failed} run(s) failed (their logs are in {out}); the table holds the others")
 

@@ -103,11 +103,16 @@ def test_paper_protocol_end_to_end_on_a_full_release(tmp_path):
     (release / "Grade.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "runs"
     cmd = [sys.executable, str(REPO / "scripts" / "report.py"), "--src", str(release), "--out", str(out), "--run",
-           "--eval-split", "test", "--groups", "methods", "--runs", "maxmin_sem", "--max-epochs", "1",
-           "--crop-size", "64", "--resize-short-side", "80", "--num-workers", "0"]  # fmt: skip
+           "--eval-split", "test", "--groups", "methods", "--runs", "maxmin_sem,gradcam", "--max-epochs", "1",
+           "--crop-size", "64", "--resize-short-side", "80", "--num-workers", "0", "--jobs", "2"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "| Max-min (SEM), ours |" in done.stdout and "| All-ones mask (reference) |" in done.stdout
+    # two trainings side by side (max-min and the CAM model), then Grad-CAM over the trained CAM model
+    assert "| Grad-CAM |" in done.stdout and "| CAM (GAP) |" not in done.stdout  # cam trained, not asked for
+    gradcam = json.loads((out / "gradcam" / "seed0" / "eval_test" / "summary.json").read_text())
+    assert gradcam["images"] == 4
+    assert "Trained on: " in (out / "table_test.md").read_text()
     test_summary = json.loads((out / "maxmin_sem" / "seed0" / "eval_test" / "summary.json").read_text())
     assert test_summary["images"] == 4  # testA + testB
     datalist = json.loads((out / "datalist.json").read_text())
