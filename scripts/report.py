@@ -6,11 +6,13 @@ the method or the loss switch. Each lives in ``<out>/<run>/seed<k>/`` (models, T
 the table is read back from the saved ``summary.json`` / ``per_image.csv`` files, so a second call without ``--run``
 regenerates it.
 
-    # the 67 / 18 development split, reduced CPU schedule (what docs/results.md reports)
+    # the 67 / 18 development split, reduced CPU schedule (docs/results.md, table B)
     python scripts/report.py --src ../shared/data/glas --out runs/glas --run \
         --max-epochs 20 --crop-size 224 --resize-short-side 240
     # regenerate the table and the figure from the saved evaluations
     python scripts/report.py --out runs/glas
+    # on one large GPU: the methods side by side (docs/results.md, table A, used 40 epochs)
+    python scripts/report.py --src ../shared/data/glas --out runs/gpu --run --groups methods --jobs 7
     # the paper's protocol on a full GlaS release: 67 / 18 selection split, 80 epochs, test on testA + testB
     python scripts/report.py --src GLAS_RELEASE --splits ../shared/data/glas/splits --out runs/paper --run \
         --eval-split test --groups methods
