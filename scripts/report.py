@@ -215,32 +215,51 @@ def _cell(values: list[float], scale) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} +- {float(np.std(values, ddof=1)):.2f}"
 
 
+def _data_missing(items: list[dict], keys: tuple[str, ...], what: str) -> bool:
+    """The table itself comes from the saved evaluations; the reference rows and the figure also read the images and
+    masks named in ``<out>/datalist.json``. When those moved, say which file and skip them instead of failing."""
+    for item in items:
+        for key in keys:
+            if not Path(item[key]).is_file():
+                print(
+                    f"note: {what} skipped: {item[key]} (from the datalist.json of this folder) is missing; put the "
+                    "data back at that path, or edit the paths in datalist.json, to get them.",
+                    file=sys.stderr,
+                )
+                return True
+    return False
+
+
 def trivial_rows(out: Path, eval_split: str) -> list[str]:
-    """The all-foreground and all-background masks on the same images: each scores well on one of F1+ / F1- and
-    zero on the other, which is why both, and PxAP, are reported (a constant map's PxAP is the foreground share)."""
+    """The all-foreground and all-background masks on the same images, scored by the same metric code as the
+    methods: each scores well on one of F1+ / F1- and zero on the other, which is why both, and PxAP, are reported
+    (a constant map's PxAP is the foreground share)."""
     datalist = out / "datalist.json"
     items = json.loads(datalist.read_text()).get(eval_split) or [] if datalist.is_file() else []
-    if not items:
+    if not items or _data_missing(items, ("mask",), "the all-ones / all-zeros reference rows"):
         return []
+    import torch
     from PIL import Image
 
-    f1_pos, f1_neg, iou_pos, iou_neg, positives, pixels = [], [], [], [], 0, 0
+    from monai_wsl.metrics import compute_pixel_f1, compute_pixel_fpr, compute_pixel_iou, compute_pxap
+
+    rows = {"ones": [], "zeros": []}
+    truths = []
     for item in items:
         g = np.array(Image.open(item["mask"])) > 0
-        g = g.any(-1) if g.ndim == 3 else g
-        fg, n = g.sum(), g.size
-        f1_pos.append(2 * fg / (n + fg))  # all ones: P = everything
-        iou_pos.append(fg / n)
-        f1_neg.append(2 * (n - fg) / (n + n - fg))  # all zeros: 1 - P = everything
-        iou_neg.append((n - fg) / n)
-        positives, pixels = positives + fg, pixels + n
-    share = f"{100 * positives / pixels:.2f}"
-    ones = ["-", f"{100 * np.mean(f1_pos):.2f}", "0.00", f"{100 * np.mean(iou_pos):.2f}", "0.00", share, "100.00"]
-    zeros = ["-", "0.00", f"{100 * np.mean(f1_neg):.2f}", "0.00", f"{100 * np.mean(iou_neg):.2f}", share, "0.00"]
-    return [
-        "| All-ones mask (reference) | " + " | ".join(ones) + " | - | - |",
-        "| All-zeros mask (reference) | " + " | ".join(zeros) + " | - | - |",
-    ]
+        g = torch.from_numpy(g.any(-1) if g.ndim == 3 else g)[None, None].float()
+        truths.append(g.flatten())
+        for name, p in (("ones", torch.ones_like(g)), ("zeros", torch.zeros_like(g))):
+            scores = [compute_pixel_f1(p, g), compute_pixel_iou(p, g), compute_pixel_fpr(p, g)]
+            rows[name].append(torch.cat(scores, 1)[0])  # F1+, F1-, IoU+, IoU-, FPR
+    truth = torch.cat(truths)[None, None, :, None]
+    pxap = float(compute_pxap(torch.full_like(truth, 0.5), truth))
+    lines = []
+    for name, label in (("ones", "All-ones mask (reference)"), ("zeros", "All-zeros mask (reference)")):
+        f1_pos, f1_neg, iou_pos, iou_neg, fpr = torch.stack(rows[name]).nanmean(0).tolist()
+        cells = [_cell([v], 100) for v in (f1_pos, f1_neg, iou_pos, iou_neg, pxap, fpr)]
+        lines.append(f"| {label} | - | " + " | ".join(cells) + " | - | - |")
+    return lines
 
 
 def table(out: Path, eval_split: str, runs: list[Run]) -> str:
@@ -281,6 +300,8 @@ def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: P
         return None
     items = [i for i in json.loads(datalist.read_text()).get(eval_split, []) if Path(i["image"]).stem in columns[0][1]]
     items = items[:num_images]
+    if _data_missing(items, ("image", "mask"), "the figure"):
+        return None
     tile = 180
     teal = np.array([0, 190, 215], dtype=np.float32)
 

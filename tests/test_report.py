@@ -83,6 +83,17 @@ def test_figure_has_a_column_per_method(saved):
     assert picture.shape[1] == 4 * 225 + 3 * 4
 
 
+def test_table_still_regenerates_when_the_data_moved(saved, capsys):
+    """The table comes from the saved evaluations; only the reference rows and the figure need the images."""
+    report = load_report()
+    (saved / "img1_anno.png").unlink()
+    text = report.table(saved, "validation", report.RUNS)
+    assert "| Max-min (SEM), ours |" in text and "All-ones mask" not in text
+    assert report.figure(saved, "validation", report.RUNS, 2, saved / "fig.png") is None
+    err = capsys.readouterr().err
+    assert "img1_anno.png" in err and "datalist.json" in err
+
+
 def test_paper_protocol_end_to_end_on_a_full_release(tmp_path):
     """prepare, train, select, test: one command on a GlaS-like release folder with testA / testB."""
     import subprocess
