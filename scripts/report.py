@@ -302,34 +302,39 @@ def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: P
     items = items[:num_images]
     if _data_missing(items, ("image", "mask"), "the figure"):
         return None
-    tile = 180
+    tile, gap = 180, 4
     teal = np.array([0, 190, 215], dtype=np.float32)
+    images = [Image.open(item["image"]) for item in items]
+    # One cell size for the whole grid, so that every column sits under its title whatever the images' aspect ratios:
+    # each panel is scaled to the cell's height; the cell is as wide as the widest result, narrower panels are centred.
+    cell = max(tile * im.width // im.height for im in images)
 
     def thumb(array: np.ndarray) -> np.ndarray:
         image = Image.fromarray(array.astype(np.uint8))
-        return np.array(image.resize((tile * image.width // image.height, tile), Image.BILINEAR))
+        image = image.resize((tile * image.width // image.height, tile), Image.BILINEAR)
+        out = np.full((tile, cell, 3), 255, dtype=np.uint8)
+        left = (cell - image.width) // 2
+        out[:, left : left + image.width] = np.array(image)
+        return out
 
     rows = []
-    for item in items:
-        rgb = np.array(Image.open(item["image"]).convert("RGB")).astype(np.float32)
+    for item, image in zip(items, images):
+        rgb = np.array(image.convert("RGB")).astype(np.float32)
         gt = np.array(Image.open(item["mask"])) > 0
         gt = gt.any(-1) if gt.ndim == 3 else gt
         panels = [rgb, np.where(gt[..., None], 0.55 * rgb + 0.45 * teal, rgb)]
         for _, masks in columns:
             m = np.array(Image.open(masks[Path(item["image"]).stem])) > 0
             panels.append(np.where(m[..., None], 0.55 * rgb + 0.45 * teal, rgb))
-        thumbs = [thumb(p) for p in panels]
-        gap = np.full((tile, 4, 3), 255, dtype=np.uint8)
-        rows.append(np.concatenate([x for t in thumbs for x in (t, gap)][:-1], 1))
-    width = max(r.shape[1] for r in rows)  # images of other aspect ratios give narrower rows: pad them
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+        spacer = np.full((tile, gap, 3), 255, dtype=np.uint8)
+        rows.append(np.concatenate([x for p in panels for x in (thumb(p), spacer)][:-1], 1))
+    width = rows[0].shape[1]
     titles = ["image", "ground truth"] + [label for label, _ in columns]
     header = Image.new("RGB", (width, 22), "white")
     draw = ImageDraw.Draw(header)
-    step = (width + 4) / len(titles)
     for k, title in enumerate(titles):
-        draw.text((int(k * step) + 4, 5), title, fill="black")
-    body = [np.array(header)] + [x for r in rows for x in (r, np.full((4, width, 3), 255, dtype=np.uint8))]
+        draw.text((k * (cell + gap) + 4, 5), title, fill="black")
+    body = [np.array(header)] + [x for r in rows for x in (r, np.full((gap, width, 3), 255, dtype=np.uint8))]
     Image.fromarray(np.concatenate(body, 0)).save(path)
     return path
 

@@ -83,6 +83,26 @@ def test_figure_has_a_column_per_method(saved):
     assert picture.shape[1] == 4 * 225 + 3 * 4
 
 
+def test_figure_columns_stay_aligned_across_aspect_ratios(saved):
+    """A wider image must not shift the columns of the other rows: every panel has the same cell, narrower ones are
+    centred in it with white margins."""
+    report = load_report()
+    Image.fromarray(np.full((8, 16, 3), 100, dtype=np.uint8)).save(saved / "img1.png")  # 2:1 instead of 5:4
+    Image.fromarray(np.zeros((8, 16), dtype=np.uint8)).save(saved / "img1_anno.png")
+    for name in ("maxmin_sem", "cam"):
+        mask = np.full((8, 16), 255 * (name == "cam"), dtype=np.uint8)
+        Image.fromarray(mask).save(saved / name / "seed0" / "eval_validation" / "masks" / "img1_mask.png")
+    picture = np.array(Image.open(report.figure(saved, "validation", report.RUNS, 2, saved / "fig.png")))
+    cell, gap, tile = 360, 4, 180
+    assert picture.shape[1] == 4 * cell + 3 * gap
+    top, bottom = 22 + tile // 2, 22 + tile + gap + tile // 2  # a pixel row through each image row
+    for k in range(4):
+        left = k * (cell + gap)
+        assert (picture[top, left + 10] == 255).all()  # margin beside the 225-pixel-wide panel of the 5:4 image
+        assert (picture[top, left + cell // 2] != 255).any() and (picture[bottom, left + 10] != 255).any()
+        assert (picture[top, left + (cell - 225) // 2 + 1] != 255).any()  # the narrow panel is centred
+
+
 def test_table_still_regenerates_when_the_data_moved(saved, capsys):
     """The table comes from the saved evaluations; only the reference rows and the figure need the images."""
     report = load_report()
