@@ -1,4 +1,4 @@
-"""Reproduce the paper's comparison through the bundle: train and evaluate every method and variant on GlaS, then
+r"""Reproduce the paper's comparison through the bundle: train and evaluate every method and variant on GlaS, then
 write the table (and a figure of masks) in the paper's form.
 
 Every run is the bundle's own ``train.json`` (+ ``evaluate.json``) with one override set, so runs differ only in
@@ -356,7 +356,7 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder of the runs (created)")
     parser.add_argument("--src", help="GlaS folder (Grade.csv, images, *_anno masks); needed with --run")
@@ -373,6 +373,11 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (e.g. 8 on one large GPU)")
     parser.add_argument("--figure-images", type=int, default=4)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = set(groups) - set(GROUPS)

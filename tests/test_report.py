@@ -150,3 +150,16 @@ def test_paper_protocol_end_to_end_on_a_full_release(tmp_path):
     assert len(datalist["training"]) + len(datalist["validation"]) == 8
     assert (out / "maxmin_sem" / "seed0" / "models" / "model.pt").is_file()  # selected on validation
     assert (out / "table_test.md").read_text().count("| Max-min (SEM), ours |") == 1
+
+
+def test_help_shows_each_documented_command_as_written():
+    """The module docstring is the ``--help`` text: its commands keep their line breaks and parse as given."""
+    report = load_report()
+    text = report.build_parser().format_help()
+    assert max(len(line) for line in text.splitlines()) <= 120, "a documented command lost its line break"
+    commands = report.__doc__.replace("\\\n", " ").splitlines()
+    commands = [line.split("report.py", 1)[1].split() for line in commands if "python scripts/report.py" in line]
+    assert len(commands) >= 4
+    for argv in commands:
+        args = report.build_parser().parse_args(argv)
+        assert args.out
