@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -105,7 +106,28 @@ def _arg(value) -> str:
     return repr(value) if isinstance(value, bool) else str(value)
 
 
-def _bundle(config_files: list[str], overrides: dict, log: Path) -> float:
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity set where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def job_environment(jobs: int, environ: dict | None = None) -> dict:
+    """The environment of one of ``jobs`` bundle runs that share the machine.
+
+    Each PyTorch process starts one intra-op thread per core; several trainings side by side (``--jobs 7`` on one
+    GPU) then run ``jobs`` times more threads than cores and stall each other: seven trainings on a 16-core H200
+    machine took 30 to 60 s per epoch, 2 to 3 s with two threads each (docs/results.md). Each job gets an equal
+    share of the cores instead, unless ``OMP_NUM_THREADS`` is already set."""
+    env = dict(os.environ if environ is None else environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // jobs))
+    return env
+
+
+def _bundle(config_files: list[str], overrides: dict, log: Path, env: dict | None = None) -> float:
     """Run the bundle in a subprocess (as a user would), logging to ``log``; returns the wall time."""
     configs = str(config_files[0]) if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
@@ -116,7 +138,7 @@ def _bundle(config_files: list[str], overrides: dict, log: Path) -> float:
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if done.returncode:
         raise RuntimeError(f"bundle run failed (exit {done.returncode}): see {log}")
     return time.perf_counter() - start
@@ -136,6 +158,7 @@ def run_all(args, runs: list[Run]) -> int:
                                 ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
     common = {"dataset_dir": datalist, "progress_bar": False, "num_workers": args.num_workers, **recipe}
     by_name = _by_name()
+    env = job_environment(args.jobs)
 
     def one(run: Run, seed: int) -> None:
         root = out / run.name / f"seed{seed}"
@@ -148,7 +171,7 @@ def run_all(args, runs: list[Run]) -> int:
             overrides = {**common, **run.train, "bundle_root": root, "seed": seed}
             if not (root / "train_time.json").is_file():  # no time saved: the training did not finish
                 print(f"[train] {run.name} seed {seed}", flush=True)
-                seconds = _bundle([str(CONFIGS / "train.json")], overrides, root / "train.log")
+                seconds = _bundle([str(CONFIGS / "train.json")], overrides, root / "train.log", env)
                 (root / "train_time.json").write_text(json.dumps({"seconds": seconds, "hardware": hardware()}))
             checkpoint = root / "models" / "model.pt"
         else:
@@ -161,7 +184,7 @@ def run_all(args, runs: list[Run]) -> int:
         evaluation = {**overrides, **run.evaluate, "eval_split": args.eval_split, "checkpoint": checkpoint}
         evaluation["output_dir"] = root / f"eval_{args.eval_split}"
         configs = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
-        _bundle(configs, evaluation, root / f"eval_{args.eval_split}.log")
+        _bundle(configs, evaluation, root / f"eval_{args.eval_split}.log", env)
         print(f"[done] {run.name} seed {seed}", flush=True)
 
     # trainings first (``--jobs`` of them at once: a large GPU runs several), then the evaluations of their models

@@ -163,3 +163,24 @@ def test_help_shows_each_documented_command_as_written():
     for argv in commands:
         args = report.build_parser().parse_args(argv)
         assert args.out
+
+
+def test_jobs_side_by_side_share_the_cores(monkeypatch, tmp_path):
+    """``--jobs N``: each bundle run gets cores // N CPU threads (not all of them), unless the user chose a number."""
+    report = load_report()
+    monkeypatch.setattr(report, "usable_cpus", lambda: 16)
+    assert report.job_environment(7, {})["OMP_NUM_THREADS"] == "2"
+    assert report.job_environment(32, {})["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in report.job_environment(1, {})  # one run alone keeps PyTorch's default
+    assert report.job_environment(7, {"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
+
+    seen = {}
+
+    def fake_run(cmd, env=None, **kwargs):
+        seen["env"] = env
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    report._bundle(["train.json"], {}, tmp_path / "log", report.job_environment(8))
+    assert seen["env"]["OMP_NUM_THREADS"] == "2" and seen["env"]["PATH"] == report.os.environ["PATH"]
