@@ -119,7 +119,7 @@ def job_environment(jobs: int, environ: dict | None = None) -> dict:
 
     Each PyTorch process starts one intra-op thread per core; several trainings side by side (``--jobs 7`` on one
     GPU) then run ``jobs`` times more threads than cores and stall each other: seven trainings on a 16-core H200
-    machine took 30 to 60 s per epoch, 2 to 3 s with two threads each (docs/results.md). Each job gets an equal
+    machine took 30 to 63 s per epoch, 2 to 3 s with two threads each (docs/results.md). Each job gets an equal
     share of the cores instead, unless ``OMP_NUM_THREADS`` is already set."""
     env = dict(os.environ if environ is None else environ)
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
@@ -394,7 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-size", type=int, help="override the recipe's 416 crops")
     parser.add_argument("--resize-short-side", type=int, help="override the recipe's 432")
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (e.g. 8 on one large GPU)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings run at once (e.g. 8 on one large GPU); each gets cores // jobs CPU threads unless "
+        "OMP_NUM_THREADS is set",
+    )
     parser.add_argument("--figure-images", type=int, default=4)
     return parser
 
