@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -184,3 +185,9 @@ def test_jobs_side_by_side_share_the_cores(monkeypatch, tmp_path):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     report._bundle(["train.json"], {}, tmp_path / "log", report.job_environment(8))
     assert seen["env"]["OMP_NUM_THREADS"] == "2" and seen["env"]["PATH"] == report.os.environ["PATH"]
+
+
+def test_jobs_below_one_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--out", str(tmp_path), "--jobs", "0"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "--jobs 0" in done.stderr and "1 or more" in done.stderr
