@@ -28,7 +28,7 @@ import platform
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,19 +187,44 @@ def run_all(args, runs: list[Run]) -> int:
         _bundle(configs, evaluation, root / f"eval_{args.eval_split}.log", env)
         print(f"[done] {run.name} seed {seed}", flush=True)
 
-    # trainings first (``--jobs`` of them at once: a large GPU runs several), then the evaluations of their models
-    phases = [[r for r in runs if r.same_as is None and r.weights_of is None], [r for r in runs if r.weights_of]]
     failures = []
+
+    def chain(jobs: list[Run], seed: int) -> None:
+        """A training, then the evaluations of its model by other methods (Grad-CAM over CAM), in one slot."""
+        for run in jobs:
+            try:
+                one(run, seed)
+            except (RuntimeError, FileNotFoundError) as error:  # the others go on; reported at the end
+                print(f"[failed] {run.name} seed {seed}: {error}", flush=True)
+                failures.append(error)
+                if run.weights_of is None:  # its dependents have no model to evaluate
+                    for skipped in jobs[1:]:
+                        print(f"[skipped] {skipped.name} seed {seed}: {run.name} has no model", flush=True)
+                    return
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for phase in phases:
-            futures = {pool.submit(one, run, seed): (run.name, seed) for run in phase for seed in args.seeds}
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except (RuntimeError, FileNotFoundError) as error:  # the others go on; reported at the end
-                    print(f"[failed] {futures[future][0]} seed {futures[future][1]}: {error}", flush=True)
-                    failures.append(error)
+        for future in [pool.submit(chain, jobs, seed) for jobs, seed in training_order(runs, args.seeds)]:
+            future.result()
     return len(failures)
+
+
+def training_order(runs: list[Run], seeds: list[int]) -> list[tuple[list[Run], int]]:
+    """The work of ``--run`` as slots for the ``--jobs`` pool, in the order they start.
+
+    Seed-major: every run's first seed before any run's second, so a sweep stopped part-way (a GPU lease ending)
+    leaves whole tables of the first seeds rather than many seeds of the first methods. A run that evaluates another
+    run's model (Grad-CAM over the CAM model) follows that training in its slot, as soon as the model exists; one
+    whose training is not selected (already done) gets a slot of its own after the trainings."""
+    trained = [r for r in runs if r.same_as is None and r.weights_of is None]
+    names = {r.name for r in trained}
+    dependents = [r for r in runs if r.weights_of]
+    order = []
+    for seed in seeds:
+        for run in trained:
+            order.append(([run] + [d for d in dependents if d.weights_of == run.name], seed))
+    for seed in seeds:
+        order += [([d], seed) for d in dependents if d.weights_of not in names]
+    return order
 
 
 def _results_dir(out: Path, run: Run) -> Path:

@@ -191,3 +191,40 @@ def test_jobs_below_one_is_refused(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--out", str(tmp_path), "--jobs", "0"],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "--jobs 0" in done.stderr and "1 or more" in done.stderr
+
+
+def test_training_order_is_seed_major_with_each_dependent_after_its_model():
+    """A sweep stopped part-way keeps whole tables of its first seeds; Grad-CAM runs in the CAM training's slot."""
+    report = load_report()
+    by_name = report._by_name()
+    runs = [by_name[n] for n in ("maxmin_sem", "gradcam", "gradcampp", "wildcat", "cam")]
+    order = [([r.name for r in jobs], seed) for jobs, seed in report.training_order(runs, [0, 1])]
+    assert order == [
+        (["maxmin_sem"], 0), (["wildcat"], 0), (["cam", "gradcam", "gradcampp"], 0),
+        (["maxmin_sem"], 1), (["wildcat"], 1), (["cam", "gradcam", "gradcampp"], 1),
+    ]  # fmt: skip
+    # Grad-CAM alone (its CAM model trained earlier): one slot per seed, nothing trained
+    order = report.training_order([by_name["gradcam"]], [0, 2])
+    assert [([r.name for r in jobs], seed) for jobs, seed in order] == [(["gradcam"], 0), (["gradcam"], 2)]
+
+
+def test_a_failed_training_skips_the_evaluations_of_its_model(monkeypatch, tmp_path, capsys):
+    report = load_report()
+    calls = []
+
+    def fake_bundle(configs, overrides, log, env=None):
+        calls.append((Path(overrides["bundle_root"]).parent.name, len(configs)))
+        if overrides.get("method") == "cam" and len(configs) == 1:
+            raise RuntimeError("bundle run failed (exit 1)")
+        Path(overrides.get("output_dir", tmp_path)).mkdir(parents=True, exist_ok=True)
+        return 1.0
+
+    monkeypatch.setattr(report, "_bundle", fake_bundle)
+    monkeypatch.setattr(report, "hardware", lambda: "test")
+    monkeypatch.setattr("monai_wsl.data.create_glas_datalist", lambda *a, **k: {"training": [], "validation": []})
+    args = report.build_parser().parse_args(["--out", str(tmp_path), "--src", "x", "--run", "--jobs", "2"])
+    by_name = report._by_name()
+    failed = report.run_all(args, [by_name["maxmin_sem"], by_name["gradcam"], by_name["cam"]])
+    assert failed == 1
+    assert ("gradcam", 2) not in calls and ("maxmin_sem", 2) in calls  # max-min evaluated, Grad-CAM not tried
+    assert "[skipped] gradcam seed 0: cam has no model" in capsys.readouterr().out
