@@ -11,8 +11,8 @@ regenerates it.
         --max-epochs 20 --crop-size 224 --resize-short-side 240
     # regenerate the table and the figure from the saved evaluations
     python scripts/report.py --out runs/glas
-    # on one large GPU: the methods side by side (docs/results.md, table A, used 40 epochs)
-    python scripts/report.py --src ../shared/data/glas --out runs/gpu --run --groups methods --jobs 7
+    # on one large GPU: the methods side by side, seed 0 of each first (docs/results.md, table E)
+    python scripts/report.py --src ../shared/data/glas --out runs/full --run --groups methods --seeds 0 1 2 --jobs 6
     # the paper's protocol on a full GlaS release: 67 / 18 selection split, 80 epochs, test on testA + testB
     python scripts/report.py --src GLAS_RELEASE --splits ../shared/data/glas/splits --out runs/paper --run \
         --eval-split test --groups methods
@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         default=1,
-        help="trainings run at once (e.g. 8 on one large GPU); each gets cores // jobs CPU threads unless "
-        "OMP_NUM_THREADS is set",
+        help="trainings run at once (e.g. 6 on one large GPU), every run's first seed before any second; each gets "
+        "cores // jobs CPU threads unless OMP_NUM_THREADS is set",
     )
     parser.add_argument("--figure-images", type=int, default=4)
     return parser
