@@ -213,8 +213,9 @@ def training_order(runs: list[Run], seeds: list[int]) -> list[tuple[list[Run], i
 
     Seed-major: every run's first seed before any run's second, so a sweep stopped part-way (a GPU lease ending)
     leaves whole tables of the first seeds rather than many seeds of the first methods. A run that evaluates another
-    run's model (Grad-CAM over the CAM model) follows that training in its slot, as soon as the model exists; one
-    whose training is not selected (already done) gets a slot of its own after the trainings."""
+    run's model (Grad-CAM over the CAM model) follows that training in its slot, as soon as the model exists (a
+    training already done is skipped there, so its evaluations start at once); one whose model's run is not in
+    ``runs`` gets a slot of its own after the trainings."""
     trained = [r for r in runs if r.same_as is None and r.weights_of is None]
     names = {r.name for r in trained}
     dependents = [r for r in runs if r.weights_of]
