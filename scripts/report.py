@@ -335,15 +335,25 @@ def table(out: Path, eval_split: str, runs: list[Run]) -> str:
 
 
 def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: Path) -> Path | None:
-    """image | ground truth | each method's mask, for the first ``num_images`` evaluated images."""
+    """image | ground truth | each method's mask, for the first ``num_images`` evaluated images.
+
+    Each method shows its lowest evaluated seed (named in the column title unless it is seed 0), so a sweep that ran
+    only later seeds still gets its columns."""
     from PIL import Image, ImageDraw
 
     members = [r for r in runs if r.group == "methods"]
     columns = []
     for run in members:
-        masks = sorted((_results_dir(out, run) / "seed0" / f"eval_{eval_split}" / "masks").glob("*_mask.png"))
-        if masks:
-            columns.append((run.label.replace(", ours", ""), {m.name[: -len("_mask.png")]: m for m in masks}))
+        seeds = sorted(
+            (int(d.name[4:]), d)
+            for d in _results_dir(out, run).glob("seed*")
+            if d.name[4:].isdigit() and any((d / f"eval_{eval_split}" / "masks").glob("*_mask.png"))
+        )
+        if seeds:
+            seed, folder = seeds[0]
+            masks = sorted((folder / f"eval_{eval_split}" / "masks").glob("*_mask.png"))
+            label = run.label.replace(", ours", "") + (f" (seed {seed})" if seed else "")
+            columns.append((label, {m.name[: -len("_mask.png")]: m for m in masks}))
     datalist = out / "datalist.json"
     if not columns or not datalist.is_file():
         return None

@@ -84,6 +84,25 @@ def test_figure_has_a_column_per_method(saved):
     assert picture.shape[1] == 4 * 225 + 3 * 4
 
 
+def test_figure_shows_each_methods_lowest_evaluated_seed(saved):
+    """A sweep that ran only later seeds (e.g. --seeds 1 2 on a fresh GPU machine) still gets every method's column."""
+    report = load_report()
+    masks1 = saved / "maxmin_sem" / "seed1" / "eval_validation" / "masks"
+    for mask in masks1.glob("*_mask.png"):  # seed 1 marks the whole image, seed 0 nothing
+        Image.fromarray(np.full((8, 10), 255, dtype=np.uint8)).save(mask)
+    centre = (22 + 90, 2 * (225 + 4) + 112)  # a pixel in the middle of the max-min column's first tile
+
+    def maxmin_pixel():
+        picture = np.array(Image.open(report.figure(saved, "validation", report.RUNS, 2, saved / "fig.png")))
+        assert picture.shape[1] == 4 * 225 + 3 * 4
+        return picture[centre].astype(int)
+
+    assert (maxmin_pixel() == 100).all()  # seed 0 first: its empty mask leaves the grey image untinted
+    for mask in (saved / "maxmin_sem" / "seed0" / "eval_validation" / "masks").glob("*_mask.png"):
+        mask.unlink()
+    assert maxmin_pixel()[2] > 140  # now seed 1's mask: the tile is tinted teal
+
+
 def test_figure_columns_stay_aligned_across_aspect_ratios(saved):
     """A wider image must not shift the columns of the other rows: every panel has the same cell, narrower ones are
     centred in it with white margins."""
