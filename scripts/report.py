@@ -232,12 +232,18 @@ def _results_dir(out: Path, run: Run) -> Path:
     return out / (run.same_as or run.name)
 
 
+def _seed_dirs(out: Path, run: Run) -> list[tuple[int, Path]]:
+    """The run's ``seed<k>`` folders as (k, folder), in seed order (seed2 before seed10)."""
+    found = [(d.name[4:], d) for d in _results_dir(out, run).glob("seed*") if d.name[4:].isdigit()]
+    return sorted((int(k), d) for k, d in found)
+
+
 def collect(out: Path, eval_split: str, runs: list[Run]) -> dict[str, dict]:
     """Per run: the list of summaries (one per seed found), the training times and the machines they ran on."""
     found = {}
     for run in runs:
         summaries, times, machines = [], [], set()
-        for seed_dir in sorted(_results_dir(out, run).glob("seed*")):
+        for _, seed_dir in _seed_dirs(out, run):
             summary = seed_dir / f"eval_{eval_split}" / "summary.json"
             if summary.is_file():
                 summaries.append(json.loads(summary.read_text()))
@@ -344,16 +350,12 @@ def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: P
     members = [r for r in runs if r.group == "methods"]
     columns = []
     for run in members:
-        seeds = sorted(
-            (int(d.name[4:]), d)
-            for d in _results_dir(out, run).glob("seed*")
-            if d.name[4:].isdigit() and any((d / f"eval_{eval_split}" / "masks").glob("*_mask.png"))
-        )
-        if seeds:
-            seed, folder = seeds[0]
+        for seed, folder in _seed_dirs(out, run):
             masks = sorted((folder / f"eval_{eval_split}" / "masks").glob("*_mask.png"))
-            label = run.label.replace(", ours", "") + (f" (seed {seed})" if seed else "")
-            columns.append((label, {m.name[: -len("_mask.png")]: m for m in masks}))
+            if masks:  # the lowest seed with an evaluation
+                label = run.label.replace(", ours", "") + (f" (seed {seed})" if seed else "")
+                columns.append((label, {m.name[: -len("_mask.png")]: m for m in masks}))
+                break
     datalist = out / "datalist.json"
     if not columns or not datalist.is_file():
         return None
