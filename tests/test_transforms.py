@@ -1,4 +1,5 @@
-"""EnsureRGBd, BinarizeMaskd, CheckSameSized, CheckLabeld on files as users have them (after LoadImaged)."""
+"""EnsureRGBd, BinarizeMaskd, CheckSameSized, CheckLabeld on files as users have them (after LoadImaged); the recipe's
+augmentations (ResizeShortSided, RandColorJitterd) on arrays."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ import logging
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
 from monai_wsl.data import create_glas_datalist
-from monai_wsl.transforms import BinarizeMask, BinarizeMaskd, CheckLabeld, CheckSameSized, EnsureRGB, EnsureRGBd
+from monai_wsl.transforms import (
+    BinarizeMask,
+    BinarizeMaskd,
+    CheckLabeld,
+    CheckSameSized,
+    EnsureRGB,
+    EnsureRGBd,
+    RandColorJitterd,
+    ResizeShortSided,
+    hsv_to_rgb,
+    rgb_to_hsv,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -164,3 +177,87 @@ def test_pipeline_on_official_bmp_release(shared_data):
         w, h = Image.open(item["image"]).size
         assert tuple(out["image"].shape) == (3, w, h) and tuple(out["mask"].shape) == (1, w, h)
         assert 0 < float(out["mask"].mean()) < 1 and out["label"] == item["label"]
+
+
+# --- the recipe's augmentations: ResizeShortSided, RandColorJitterd, the HSV conversion ------------------------------
+
+
+def test_hsv_conversion_matches_colorsys_and_round_trips():
+    import colorsys
+
+    rgb = torch.from_numpy(RNG.random((3, 7, 9))).float()
+    rgb[:, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # pure red, green, blue, grey and black
+    rgb[:, 0, 1] = torch.tensor([0.0, 1.0, 0.0])
+    rgb[:, 0, 2] = torch.tensor([0.0, 0.0, 1.0])
+    rgb[:, 0, 3] = 0.4
+    rgb[:, 0, 4] = 0.0
+    hsv = rgb_to_hsv(rgb)
+    expected = np.array([colorsys.rgb_to_hsv(*rgb[:, i, j].tolist()) for i in range(7) for j in range(9)])
+    np.testing.assert_allclose(hsv.reshape(3, -1).T.numpy(), expected, atol=1e-6)
+    torch.testing.assert_close(hsv[:, 0, :3], torch.tensor([[0.0, 1 / 3, 2 / 3], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(hsv_to_rgb(hsv), rgb, atol=1e-6, rtol=1e-5)
+
+
+def jitter(image: torch.Tensor, seed: int = 0, **factors) -> torch.Tensor:
+    settings = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, **factors}
+    transform = RandColorJitterd(keys="image", **settings)
+    transform.set_random_state(seed)
+    return transform({"image": image})["image"]
+
+
+def test_color_jitter_brightness_scales_every_pixel_by_one_factor():
+    image = torch.from_numpy(RNG.random((3, 8, 8)) * 0.6).float()  # below 1 / 1.5: never clipped
+    out = jitter(image, brightness=0.5)
+    factor = out / image
+    assert 0.5 <= float(factor.mean()) <= 1.5 and float(factor.mean()) != pytest.approx(1.0)
+    torch.testing.assert_close(factor, torch.full_like(factor, float(factor.mean())))
+
+
+def test_color_jitter_hue_turns_the_colour_wheel_only():
+    image = torch.from_numpy(RNG.random((3, 8, 8))).float()
+    out = jitter(image, seed=3, hue=0.05)
+    before, after = rgb_to_hsv(image), rgb_to_hsv(out)
+    torch.testing.assert_close(after[1:], before[1:], atol=1e-5, rtol=1e-5)  # saturation and value kept
+    shift = (after[0] - before[0]) % 1.0
+    shift = torch.where(shift > 0.5, shift - 1, shift)
+    assert 0 < abs(float(shift.mean())) <= 0.05
+    torch.testing.assert_close(shift, torch.full_like(shift, float(shift.mean())), atol=1e-5, rtol=0)
+
+
+def test_color_jitter_saturation_and_contrast_keep_grey_and_its_mean():
+    grey = torch.full((3, 8, 8), 0.4)
+    assert torch.allclose(jitter(grey, saturation=0.5, hue=0.05), grey, atol=1e-6)  # grey has no colour to change
+    image = torch.from_numpy(RNG.random((3, 8, 8)) * 0.5 + 0.25).float()
+    out = jitter(image, seed=1, contrast=0.5)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    assert float((out * luma).sum(0).mean()) == pytest.approx(float((image * luma).sum(0).mean()), abs=1e-5)
+    assert not torch.allclose(out, image)
+
+
+def test_color_jitter_is_seeded_clipped_and_keeps_the_meta_data():
+    image = MetaTensor(torch.from_numpy(RNG.random((3, 8, 8))).float(), meta={"filename_or_obj": "train_1.bmp"})
+    a = jitter(image, seed=5, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.05)
+    b = jitter(image, seed=5, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.05)
+    c = jitter(image, seed=6, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.05)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert isinstance(a, MetaTensor) and a.meta["filename_or_obj"] == "train_1.bmp"
+    untouched = RandColorJitterd(keys="image", prob=0.0)({"image": image})["image"]
+    assert torch.equal(untouched, image)
+    with pytest.raises(ValueError, match="RGB images"):
+        jitter(torch.rand(1, 8, 8), brightness=0.5)
+    with pytest.raises(ValueError, match="hue"):
+        RandColorJitterd(keys="image", hue=0.6)
+
+
+def test_resize_short_side_keeps_the_aspect_ratio_and_the_masks_binary():
+    image = torch.from_numpy(RNG.random((3, 775, 522))).float()  # a GlaS image as PIL reads it: (C, W, H)
+    mask = (torch.from_numpy(RNG.random((1, 775, 522))) > 0.5).float()
+    resize = ResizeShortSided(keys=("image", "mask"), size=432, mode=("bilinear", "nearest"))
+    out = resize({"image": image, "mask": mask})
+    assert tuple(out["image"].shape) == (3, 641, 432) and tuple(out["mask"].shape) == (1, 641, 432)  # 775 * 432 / 522
+    assert set(out["mask"].unique().tolist()) == {0.0, 1.0}
+    small = ResizeShortSided(keys="image", size=240)({"image": torch.rand(3, 100, 200)})["image"]
+    assert tuple(small.shape) == (3, 240, 480)  # enlarged, so that a 224 crop always fits
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        ResizeShortSided(keys="image", size=0)

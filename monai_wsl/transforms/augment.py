@@ -52,8 +52,11 @@ class ResizeShortSided(MapTransform):
             spatial = d[key].shape[1:]
             scale = self.size / min(spatial)
             target = [max(self.size, int(round(s * scale))) for s in spatial]
-            align = None if mode in ("nearest", "nearest-exact", "area") else False
-            d[key] = Resize(target, mode=mode, align_corners=align, anti_aliasing=scale < 1)(d[key])
+            # Masks (nearest) must stay label maps: no corner alignment to choose, no smoothing before shrinking.
+            exact = mode in ("nearest", "nearest-exact", "area")
+            d[key] = Resize(
+                target, mode=mode, align_corners=None if exact else False, anti_aliasing=scale < 1 and not exact
+            )(d[key])
         return d
 
 
