@@ -11,7 +11,6 @@ __all__ = [
     "handlers",
     "inferers",
     "losses",
-    "methods",
     "metrics",
     "networks",
     "transforms",

@@ -4,24 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as dist
-
-__all__ = ["as_bool", "default_bundle_root", "is_main_process", "list_images", "IMAGE_SUFFIXES"]
+__all__ = ["default_bundle_root", "list_images", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
-
-
-def as_bool(value: object) -> bool:
-    """A command-line flag as a bool: ``python -m monai.bundle run --resume true`` passes the string ``"true"`` (only
-    ``True`` / ``False`` reach the config as bools), and ``"false"`` must not count as true."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes", "y", "on"):
-            return True
-        if text in ("false", "0", "no", "n", "off", "", "none", "null"):
-            return False
-        raise ValueError(f"expected a yes/no value (true / false), got {value!r}.")
-    return bool(value)
 
 
 def default_bundle_root() -> str:
@@ -33,11 +18,6 @@ def default_bundle_root() -> str:
     if Path("bundle/configs/metadata.json").is_file():
         return "bundle"
     return "."
-
-
-def is_main_process() -> bool:
-    """True outside distributed runs and on rank 0: the process that logs and writes files."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str, str]]:

@@ -21,7 +21,7 @@ from monai_wsl.data import write_synthetic_histology
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 SMALL = {
-    "synthetic": {"num_train": 8, "num_valid": 4, "size": [96, 96], "seed": 0},
+    "synthetic_data": {"num_train": 8, "num_valid": 4, "size": [96, 96], "seed": 0},
     "resize_short_side": 80,
     "crop_size": 64,
     "num_workers": 0,
@@ -29,6 +29,11 @@ SMALL = {
     "max_epochs": 2,
     "overlay_interval": 1,
 }
+
+
+def small_data(folder: Path, seed: int = 0) -> str:
+    """A synthetic set of 8 training and 4 validation images of 96 x 96; returns the folder holding its datalist."""
+    return str(write_synthetic_histology(folder, num_train=8, num_valid=4, size=(96, 96), seed=seed).parent)
 
 
 def workflow(bundle_root: Path, configs=("train.json",), workflow_type: str = "train", **overrides) -> ConfigWorkflow:
@@ -91,53 +96,68 @@ def test_tensorboard_holds_loss_terms_metrics_schedules_and_overlays(trained):
     assert (images[-1].width, images[-1].height) == (3 * 96 + 2 * 2, 4 * 96 + 3 * 4)
 
 
-def test_train_and_evaluate_write_per_image_results_masks_and_overlays(trained):
+def read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_train_and_evaluate_write_metrics_predictions_masks_and_overlays(trained):
     root, _ = trained
     wf = run(workflow(root, ("train.json", "evaluate.json")))
     out = root / "eval"
-    rows = list(csv.DictReader(open(out / "per_image.csv")))
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(rows) == summary["images"] == 4
-    for key in ("val_accuracy", "val_f1_pos", "val_f1_neg", "val_iou_pos", "val_pxap", "val_fpr"):
-        assert 0.0 <= summary[key] <= 1.0
-    # the summary is the mean of the per-image scores, and F1- comes from the same masks that were saved
-    assert np.mean([float(r["val_f1_neg"]) for r in rows]) == pytest.approx(summary["val_f1_neg"], abs=1e-5)
-    assert np.mean([int(r["correct"]) for r in rows]) == pytest.approx(summary["val_accuracy"])
-    for row in rows:
-        stem = Path(row["image"]).name.split(".")[0]
+    summary = {name: float(value) for name, value in read_csv_rows(out / "metrics.csv")}  # MONAI's MetricsSaver
+    assert set(summary) == {
+        "val_accuracy",
+        "val_f1_pos",
+        "val_f1_neg",
+        "val_iou_pos",
+        "val_iou_neg",
+        "val_pxap",
+        "val_fpr",
+    }
+    assert all(0.0 <= v <= 1.0 for v in summary.values())
+    f1_neg = {Path(r[0]).name: float(r[1]) for r in read_csv_rows(out / "val_f1_neg_raw.csv")[1:]}  # per image
+    assert len(f1_neg) == 4 and np.mean(list(f1_neg.values())) == pytest.approx(summary["val_f1_neg"], abs=1e-4)
+    predictions = {Path(r[0]).name: [float(p) for p in r[1:]] for r in read_csv_rows(out / "predictions.csv")}
+    assert predictions.keys() == f1_neg.keys() and all(
+        sum(p) == pytest.approx(1.0, abs=1e-5) for p in predictions.values()
+    )
+    labels = {
+        Path(i["image"]).name: i["label"]
+        for i in json.loads((root / "data" / "synthetic" / "datalist.json").read_text())["validation"]
+    }
+    correct = [int(np.argmax(p)) == labels[name] for name, p in predictions.items()]
+    assert np.mean(correct) == pytest.approx(summary["val_accuracy"])
+    # F1- of each saved mask, recomputed from the PNGs, is the per-image value that was saved
+    for name, value in f1_neg.items():
+        stem = name.split(".")[0]
         mask = np.array(Image.open(out / "masks" / f"{stem}_mask.png"))
-        truth = np.array(Image.open(Path(row["image"]).with_name(f"{stem}_anno.png"))) > 0
+        truth = np.array(Image.open(root / "data" / "synthetic" / f"{stem}_anno.png")) > 0
         assert mask.shape == truth.shape and set(np.unique(mask)) <= {0, 255}
         predicted = mask > 0
         dice_bg = 2 * (~predicted & ~truth).sum() / ((~predicted).sum() + (~truth).sum())
-        assert dice_bg == pytest.approx(float(row["val_f1_neg"]), abs=1e-4)
+        assert dice_bg == pytest.approx(value, abs=1e-4)  # the CSV keeps 4 decimals
         assert (out / "overlays" / f"{stem}_overlay.png").is_file()
     assert wf.parser.get_parsed_content("eval_split") == "validation"
 
 
 def test_inference_writes_masks_and_class_csv(trained, tmp_path):
     root, _ = trained
-    wf = run(
-        workflow(
-            root, ("inference.json",), "infer", dataset_dir=str(root / "data" / "synthetic"), output_dir=str(tmp_path)
-        )
-    )
-    images = sorted(p for p in (root / "data" / "synthetic").glob("*.png") if not p.stem.endswith("_anno"))
-    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
-    assert [Path(r["image"]).name for r in rows] == [p.name for p in images]
-    for row in rows:
-        probs = [float(row["prob_benign"]), float(row["prob_malignant"])]
-        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
-        assert row["pred_name"] == ("benign", "malignant")[int(np.argmax(probs))]
-        assert float(row["prob"]) == pytest.approx(max(probs), abs=1e-6)
+    data = root / "data" / "synthetic"
+    wf = run(workflow(root, ("inference.json",), "infer", dataset_dir=str(data), output_dir=str(tmp_path)))
+    images = sorted(p for p in data.glob("*.png") if not p.stem.endswith("_anno"))
+    rows = read_csv_rows(tmp_path / "predictions.csv")  # image, probability of each class
+    assert [Path(r[0]).name for r in rows] == [p.name for p in images]
+    assert all(sum(float(p) for p in row[1:]) == pytest.approx(1.0, abs=1e-5) for row in rows)
     for image in images:
         mask = np.array(Image.open(tmp_path / f"{image.stem}_mask.png"))
         assert mask.shape == np.array(Image.open(image)).shape[:2] and set(np.unique(mask)) <= {0, 255}
     assert wf.evaluator.state.iteration == len(images)
     # NIfTI on request: the same masks, 0 / 1 (NIfTI keeps MONAI's (W, H) axes of a PNG-read image)
     nifti = tmp_path / "nifti"
-    run(workflow(root, ("inference.json",), "infer", dataset_dir=str(root / "data" / "synthetic"),
-                 output_dir=str(nifti), output_ext=".nii.gz"))  # fmt: skip
+    run(
+        workflow(root, ("inference.json",), "infer", dataset_dir=str(data), output_dir=str(nifti), output_ext=".nii.gz")
+    )
     import nibabel as nib
 
     for image in images:
@@ -174,14 +194,10 @@ def test_verify_metadata_net_in_out_and_ckpt_export(trained, tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    data = write_synthetic_histology(tmp_path / "data", num_train=8, num_valid=4, size=(96, 96), seed=3)
-    full = run(workflow(tmp_path / "full", dataset_dir=str(data), max_epochs=4, crop_size=64, resize_short_side=80))
-    run(workflow(tmp_path / "split", dataset_dir=str(data), max_epochs=2, crop_size=64, resize_short_side=80))
-    resumed = run(
-        workflow(
-            tmp_path / "split", dataset_dir=str(data), max_epochs=4, crop_size=64, resize_short_side=80, resume=True
-        )
-    )
+    data = small_data(tmp_path / "data", seed=3)
+    full = run(workflow(tmp_path / "full", dataset_dir=data, max_epochs=4))
+    run(workflow(tmp_path / "split", dataset_dir=data, max_epochs=2))
+    resumed = run(workflow(tmp_path / "split", dataset_dir=data, max_epochs=4, resume="true"))
     assert resumed.trainer.state.epoch == 4
     a = full.parser.get_parsed_content("network").state_dict()
     b = resumed.parser.get_parsed_content("network").state_dict()
@@ -205,20 +221,22 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_without_checkpoint_says_so(tmp_path):
     wf = workflow(tmp_path, resume=True)
     wf.initialize()
-    with pytest.raises(RuntimeError) as info:  # MONAI's config wraps the error; the user sees both
+    with pytest.raises(RuntimeError) as info:  # MONAI's config wraps the error; the user sees the chain
         wf.run()
-    assert isinstance(info.value.__cause__, FileNotFoundError)
-    assert "holds no checkpoint_epoch=N.pt" in str(info.value.__cause__)
+    error = info.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, FileNotFoundError) and "holds no checkpoint_epoch=N.pt" in str(error)
 
 
 def test_multi_gpu_config_runs_two_gloo_processes_on_cpu(tmp_path):
-    data = write_synthetic_histology(tmp_path / "data", num_train=8, num_valid=4, size=(96, 96), seed=0)
+    data = small_data(tmp_path / "data")
     configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "--config_file", configs, "--meta_file", str(CONFIGS / "metadata.json"),
         "--logging_file", str(CONFIGS / "logging.conf"), "--bundle_root", str(tmp_path / "root"),
-        "--dataset_dir", str(data), "--max_epochs", "2", "--crop_size", "64", "--resize_short_side", "80",
+        "--dataset_dir", data, "--max_epochs", "2", "--crop_size", "64", "--resize_short_side", "80",
         "--num_workers", "0", "--progress_bar", "false",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -233,13 +251,55 @@ def test_multi_gpu_config_runs_two_gloo_processes_on_cpu(tmp_path):
     assert not any(k.startswith("module.") for k in state)  # saved without the DDP wrapper
 
 
-@pytest.mark.parametrize("method", ["gradcam", "deepmil", "cam_lse"])
+METHODS = {  # method config -> network class
+    "cam": "CAMClassifier", "cam_max": "CAMClassifier", "cam_lse": "CAMClassifier", "wildcat": "CAMClassifier",
+    "deepmil": "DeepMILNet",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["cam_lse", "deepmil"])
 def test_baselines_train_and_validate_through_the_same_bundle(method, tmp_path):
-    data = write_synthetic_histology(tmp_path / "data", num_train=8, num_valid=4, size=(96, 96), seed=0)
-    wf = run(workflow(tmp_path / "root", dataset_dir=str(data), method=method, max_epochs=1))
+    wf = run(workflow(tmp_path / "root", ("train.json", f"methods/{method}.json"), max_epochs=1))
     metrics = wf.parser.get_parsed_content("validate#evaluator").state.metrics
     for name in ("val_accuracy", "val_f1_pos", "val_f1_neg", "val_pxap", "val_fpr"):
         assert 0.0 <= metrics[name] <= 1.0, name
-    assert "loss_ce" in wf.trainer.state.metrics  # the baseline's loss term, logged like the max-min ones
-    net = wf.parser.get_parsed_content("network")
-    assert type(net).__name__ == {"gradcam": "GradCAMClassifier", "deepmil": "DeepMILNet"}.get(method, "CAMClassifier")
+    assert "loss_ce" in wf.trainer.state.metrics and "sigma" not in wf.trainer.state.metrics  # no max-min schedule
+    assert type(wf.parser.get_parsed_content("network")).__name__ == METHODS[method]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_config_names_its_network_and_loss(method, tmp_path):
+    """The override files swap the network and the loss, nothing else: every setting they give is one the class takes
+    (a config typo raises instead of being dropped)."""
+    wf = workflow(tmp_path, ("train.json", f"methods/{method}.json"))
+    wf.initialize()
+    net = wf.parser.get_parsed_content("network_def")
+    assert type(net).__name__ == METHODS[method]
+    assert type(wf.parser.get_parsed_content("loss")).__name__ == "WSLCrossEntropyLoss"
+    if method.startswith("cam") or method == "wildcat":
+        assert net.pooling == {"cam": "avg", "cam_max": "max", "cam_lse": "lse"}.get(method, "wildcat")
+    typo = workflow(tmp_path, ("train.json", f"methods/{method}.json"), **{"network_def#kmaxx": 0.2})
+    typo.initialize()
+    with pytest.raises(RuntimeError) as info:
+        typo.parser.get_parsed_content("network_def")
+    assert "kmaxx" in str(info.value.__cause__)
+
+
+def test_gradcam_evaluates_a_trained_cam_model(tmp_path):
+    """Grad-CAM is an evaluation of a CAM model: methods/gradcam.json swaps the validation inferer only."""
+    data = small_data(tmp_path / "data")
+    cam = ("train.json", "methods/cam.json")
+    run(workflow(tmp_path / "cam", cam, dataset_dir=data, max_epochs=1))
+    checkpoint = str(tmp_path / "cam" / "models" / "model.pt")
+    scores = {}
+    for method in ("cam", "gradcam", "gradcampp"):
+        extra = () if method == "cam" else (f"methods/{method}.json",)
+        wf = run(workflow(tmp_path / method, (*cam, "evaluate.json", *extra), dataset_dir=data, checkpoint=checkpoint))
+        assert type(wf.parser.get_parsed_content("validate#inferer")).__name__ == (
+            "WSLInferer" if method == "cam" else "GradCAMInferer"
+        )
+        scores[method] = wf.parser.get_parsed_content("validate#evaluator").state.metrics
+    # the same model: the same classes; Grad-CAM++ weighs the gradients otherwise (Grad-CAM of a GAP classifier is
+    # its CAM up to a ReLU, so those two maps may coincide)
+    assert scores["gradcam"]["val_accuracy"] == scores["gradcampp"]["val_accuracy"] == scores["cam"]["val_accuracy"]
+    assert scores["gradcampp"]["val_pxap"] != scores["gradcam"]["val_pxap"]

@@ -41,7 +41,7 @@ def folder(tmp_path):
 def build(tmp_path: Path, training: list, validation: list):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": training, "validation": validation}))
-    wf = workflow(tmp_path / "bundle", dataset_dir=str(datalist))
+    wf = workflow(tmp_path / "bundle", dataset_dir=str(tmp_path))
     wf.initialize()
     return wf
 
@@ -91,11 +91,20 @@ def test_missing_file_in_datalist_is_named(folder):
     tmp_path, files = folder
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [item(files, 0, image=str(tmp_path / "gone.png"))], "validation": []}))
-    wf = workflow(tmp_path / "bundle", dataset_dir=str(datalist))
+    wf = workflow(tmp_path / "bundle", dataset_dir=str(tmp_path))
     wf.initialize()
     with pytest.raises(Exception) as info:
         wf.parser.get_parsed_content("train#dataset")
     assert "gone.png does not exist" in chain(info.value)
+
+
+def test_folder_without_datalist_says_how_to_make_one(tmp_path):
+    wf = workflow(tmp_path / "bundle", dataset_dir=str(tmp_path))
+    wf.initialize()
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("train#dataset")
+    text = chain(info.value)
+    assert f"datalist {tmp_path / 'datalist.json'} not found" in text and "scripts/prepare_glas.py" in text
 
 
 def test_grey_and_rgba_images_are_converted_with_a_warning(folder, capsys):

@@ -37,13 +37,14 @@ def test_extended_log_barrier_is_continuous_at_the_switch():
     assert left.item() == pytest.approx(right.item(), abs=1e-5)
 
 
-def test_barrier_module_t_is_a_buffer_and_steps():
+def test_barrier_module_t_is_a_buffer():
     barrier = ExtendedLogBarrier(5.0)
     assert "t" in barrier.state_dict()
-    assert barrier.step() == pytest.approx(5.05)
-    for _ in range(200):
-        barrier.step()
-    assert float(barrier.t) == pytest.approx(10.0)
+    barrier.t.fill_(7.3)  # as the bundle's schedule sets it
+    z = torch.tensor([-3.0, 0.5])
+    torch.testing.assert_close(barrier(z), extended_log_barrier(z, 7.3))
+    with pytest.raises(ValueError, match="t must be > 0"):
+        ExtendedLogBarrier(0.0)
 
 
 @pytest.mark.parametrize("mode,minimum", [("sem", 1.0), ("eem", -1.0)])
@@ -102,6 +103,7 @@ def test_ablation_switches():
     total = fg_only(out, y)
     assert fg_only.terms["loss_bg"].item() == 0 and fg_only.terms["loss_size"].item() == 0
     torch.testing.assert_close(total, fg_only.terms["loss_ce_loc"] + fg_only.terms["loss_ce_fg"])
+    assert MaxMinUncertaintyLoss(size_constraint="false").size_constraint is False  # as a command line passes it
     no_bg = MaxMinUncertaintyLoss(bg_term=None, lambda_bg=1.0)
     no_bg(out, y)
     assert no_bg.terms["loss_bg"].item() == 0 and no_bg.terms["loss_size"].item() != 0

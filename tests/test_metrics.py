@@ -1,23 +1,24 @@
+"""The localization metrics the bundle computes: MONAI's DiceMetric (F1+, and F1- on the backgrounds), MeanIoU,
+ConfusionMatrixMetric's fall-out (pixel FPR) and Ignite's Accuracy, wired as in train.json; and PxAP, the project's
+own. The values are those of the project's earlier implementation (the formulas below, in NumPy): hand-computed
+cases, GlaS masks, and the empty-region convention (NaN, left out of the mean, as DiceMetric(ignore_empty=True))."""
+
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
+from monai.bundle import ConfigParser
+from PIL import Image
 
-from monai_wsl.handlers import ClassificationError, PixelAP, PixelF1, PixelFPR, PixelIoU
-from monai_wsl.metrics import (
-    ClassificationErrorMetric,
-    PixelAPMetric,
-    PixelF1Metric,
-    PixelIoUMetric,
-    compute_classification_error,
-    compute_pixel_f1,
-    compute_pixel_fpr,
-    compute_pixel_iou,
-    compute_pxap,
-)
+from monai_wsl.handlers import PixelAP
+from monai_wsl.metrics import PixelAPMetric, compute_pxap
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 # A 3 x 4 case: |P| = 4, |G| = 5, |P n G| = 3 -> F1+ = 6/9; background |1-P| = 8, |1-G| = 7, overlap 6 -> F1- = 12/15.
 P = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float32)
@@ -28,57 +29,93 @@ def _b(x):
     return x[None, None]
 
 
-def test_f1_iou_fpr_hand_values():
-    torch.testing.assert_close(compute_pixel_f1(_b(P), _b(G)), torch.tensor([[6 / 9, 12 / 15]]))
-    # IoU+ = 3 / (4 + 5 - 3); IoU- = 6 / (8 + 7 - 6)
-    torch.testing.assert_close(compute_pixel_iou(_b(P), _b(G)), torch.tensor([[3 / 6, 6 / 9]]))
-    # one false positive among the 7 background pixels
-    torch.testing.assert_close(compute_pixel_fpr(_b(P), _b(G)), torch.tensor([[1 / 7]]))
+def reference_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """F1+, F1-, IoU+, IoU-, FPR of one binary mask, as the project computed them before it used MONAI's metrics: a
+    score whose ground-truth region is empty is NaN."""
+    p, g = pred.astype(bool), truth.astype(bool)
+    tp, fp, fn, tn = (p & g).sum(), (p & ~g).sum(), (~p & g).sum(), (~p & ~g).sum()
+
+    def ratio(num, den, empty):
+        return math.nan if empty else num / max(den, 1)
+
+    return {
+        "val_f1_pos": ratio(2 * tp, 2 * tp + fp + fn, tp + fn == 0),
+        "val_f1_neg": ratio(2 * tn, 2 * tn + fn + fp, tn + fp == 0),
+        "val_iou_pos": ratio(tp, tp + fp + fn, tp + fn == 0),
+        "val_iou_neg": ratio(tn, tn + fn + fp, tn + fp == 0),
+        "val_fpr": ratio(fp, fp + tn, fp + tn == 0),
+    }
 
 
-def test_all_ones_mask_scores_like_the_paper_baseline():
-    ones = torch.ones_like(P)
-    f1 = compute_pixel_f1(_b(ones), _b(G))
-    assert f1[0, 0].item() == pytest.approx(2 * 5 / (12 + 5)) and f1[0, 1].item() == 0.0
-    assert compute_pixel_fpr(_b(ones), _b(G)).item() == 1.0
+def bundle_metrics(items: list[dict]) -> tuple[dict, dict]:
+    """Run train.json's validation postprocessing and metrics over ``items`` (one image each, as the evaluator's
+    decollated output: soft ``pred`` (1, H, W), ``mask`` (1, H, W), ``logits`` (K,), ``label``); returns the epoch
+    metrics and the per-image details."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    post = parser.get_parsed_content("validate#postprocessing")
+    metrics = {
+        **parser.get_parsed_content("validate#key_metric"),
+        **parser.get_parsed_content("validate#additional_metrics"),
+    }
+    engine = Engine(lambda e, item: [post({**item, "pred": {"mask": item["pred"], "logits": item["logits"]}})])
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    state = engine.run(items)
+    return state.metrics, state.metric_details
 
 
-def test_empty_ground_truth_conventions():
-    empty = torch.zeros_like(P)
-    # benign image without foreground: F1+ undefined (NaN, skipped), F1- defined
-    f1 = compute_pixel_f1(_b(P), _b(empty))
-    assert math.isnan(f1[0, 0].item()) and f1[0, 1].item() == pytest.approx(2 * 8 / (8 + 12))
-    # ignore_empty=False: 1 when the prediction is empty too, else 0
-    assert compute_pixel_f1(_b(empty), _b(empty), ignore_empty=False)[0, 0].item() == 1.0
-    assert compute_pixel_f1(_b(P), _b(empty), ignore_empty=False)[0, 0].item() == 0.0
-    full = torch.ones_like(P)
-    assert math.isnan(compute_pixel_f1(_b(P), _b(full))[0, 1].item())
-    assert math.isnan(compute_pixel_fpr(_b(P), _b(full)).item())
-    # the cumulative metric averages over images where the region exists
-    metric = PixelF1Metric(region="foreground")
-    metric(torch.stack([_b(P)[0], _b(P)[0]]), torch.stack([_b(G)[0], _b(empty)[0]]))
-    assert metric.aggregate().item() == pytest.approx(6 / 9)
+def test_hand_values_and_the_empty_region_convention():
+    empty, full = torch.zeros_like(P), torch.ones_like(P)
+    items = [
+        {"pred": _b(P)[0] * 0.7 + 0.1, "mask": _b(G)[0], "logits": torch.tensor([1.0, 0.0]), "label": torch.tensor(0)},
+        {"pred": _b(P)[0], "mask": _b(empty)[0], "logits": torch.tensor([0.0, 1.0]), "label": torch.tensor(0)},
+        {"pred": _b(P)[0], "mask": _b(full)[0], "logits": torch.tensor([0.0, 1.0]), "label": torch.tensor(1)},
+    ]
+    metrics, details = bundle_metrics(items)
+    # image 0 (a soft mask, segmented at 0.5): F1+ 6/9, F1- 12/15, IoU+ 3/6, IoU- 6/9, FPR 1/7
+    torch.testing.assert_close(details["val_f1_pos"].flatten()[0], torch.tensor(6 / 9))
+    torch.testing.assert_close(details["val_f1_neg"].flatten()[0], torch.tensor(12 / 15))
+    torch.testing.assert_close(details["val_iou_pos"].flatten()[0], torch.tensor(3 / 6))
+    torch.testing.assert_close(details["val_iou_neg"].flatten()[0], torch.tensor(6 / 9))
+    # image 1 has no foreground (F1+ NaN, left out), image 2 no background (F1-, FPR NaN)
+    assert metrics["val_f1_pos"] == pytest.approx((6 / 9 + 2 * 4 / (4 + 12)) / 2)
+    assert metrics["val_f1_neg"] == pytest.approx((12 / 15 + 2 * 8 / (8 + 12)) / 2)
+    assert metrics["val_fpr"] == pytest.approx((1 / 7 + 4 / 12) / 2)
+    assert metrics["val_accuracy"] == pytest.approx(2 / 3)
+    assert 0 < metrics["val_pxap"] < 1
 
 
-def test_cumulative_metrics_accept_batches_and_lists_of_different_sizes():
-    big_p = torch.zeros(1, 1, 6, 6)
-    big_g = torch.zeros(1, 1, 6, 6)
-    big_g[..., :3, :] = 1
-    big_p[..., :2, :] = 1  # F1+ = 2*12/(12+18) = 0.8; F1- = 2*18/(24+18) = 6/7
-    metric = PixelF1Metric(region="both", reduction="mean_batch")
-    metric(_b(P), _b(G))
-    metric([big_p[0]], [big_g[0]])  # decollated items, as Ignite engines pass them
-    torch.testing.assert_close(metric.aggregate(), torch.tensor([(6 / 9 + 0.8) / 2, (12 / 15 + 6 / 7) / 2]))
-    iou = PixelIoUMetric(region="background")
-    iou(_b(P), _b(G))
-    assert iou.aggregate().item() == pytest.approx(6 / 9)
-
-
-def test_soft_masks_are_thresholded_at_half():
-    soft = P * 0.7 + (1 - P) * 0.3
-    metric = PixelF1Metric(region="foreground")
-    metric(_b(soft), _b(G))
-    assert metric.aggregate().item() == pytest.approx(6 / 9)
+def test_bundle_metrics_equal_the_earlier_implementation_on_glas_masks(shared_data):
+    """20 GlaS ground truths against predictions made from them (blurred, noisy, thresholded), plus an image without
+    gland and one with gland only: every per-image score and every mean as before."""
+    files = sorted((shared_data / "glas").glob("train_*_anno.png"))[:20]
+    g = torch.Generator().manual_seed(0)
+    items, expected = [], []
+    for f in files:
+        truth = torch.from_numpy(np.array(Image.open(f)) > 0).float()[None]
+        blurred = torch.nn.functional.avg_pool2d(truth[None], 31, 1, 15)[0]
+        soft = (blurred + 0.3 * torch.rand(truth.shape, generator=g)).clamp(0, 1)
+        items.append({"pred": soft, "mask": truth, "logits": torch.randn(2, generator=g), "label": torch.tensor(1)})
+    items += [
+        {**items[0], "mask": torch.zeros_like(items[0]["mask"])},
+        {**items[1], "mask": torch.ones_like(items[1]["mask"])},
+    ]
+    for item in items:
+        expected.append(reference_scores((item["pred"] >= 0.5).numpy(), item["mask"].numpy()))
+    metrics, details = bundle_metrics(items)
+    for name in ("val_f1_pos", "val_f1_neg", "val_iou_pos", "val_iou_neg"):
+        ours = details[name].flatten().numpy()
+        ref = np.array([e[name] for e in expected])
+        assert np.array_equal(np.isnan(ours), np.isnan(ref)), name
+        np.testing.assert_allclose(ours[~np.isnan(ours)], ref[~np.isnan(ref)], rtol=1e-6, err_msg=name)
+    for name in ("val_f1_pos", "val_f1_neg", "val_iou_pos", "val_iou_neg", "val_fpr"):
+        assert metrics[name] == pytest.approx(np.nanmean([e[name] for e in expected]), rel=1e-6), name
+    pooled = torch.cat([i["pred"].flatten() for i in items])[None, None, :, None]
+    truths = torch.cat([i["mask"].flatten() for i in items])[None, None, :, None]
+    assert metrics["val_pxap"] == pytest.approx(compute_pxap(pooled, truths).item(), abs=1e-6)
+    correct = [int(i["logits"].argmax() == i["label"]) for i in items]
+    assert metrics["val_accuracy"] == pytest.approx(np.mean(correct))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -107,52 +144,24 @@ def test_pxap_extremes():
     assert math.isnan(compute_pxap(_b(P), torch.zeros_like(labels)).item())
 
 
-def test_classification_error():
-    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
-    assert compute_classification_error(logits, torch.tensor([0, 1, 1])).flatten().tolist() == [0.0, 0.0, 1.0]
-    metric = ClassificationErrorMetric()
-    metric(logits, torch.tensor([[0], [1], [1]]))
-    metric([torch.tensor([0.2, 0.8])], [torch.tensor(1)])
-    assert metric.aggregate().item() == pytest.approx(1 / 4)
-    accuracy = ClassificationErrorMetric(accuracy=True)
-    accuracy(logits, torch.tensor([0, 1, 1]))
-    assert accuracy.aggregate().item() == pytest.approx(2 / 3)
-
-
-def test_bad_masks_raise_clear_errors():
+def test_bad_maps_raise_clear_errors():
     with pytest.raises(ValueError, match=r"values in \[0, 1\], got \[0, 255\].*mask > 0"):
-        compute_pixel_f1(_b(P), _b(G) * 255)
+        compute_pxap(_b(P), _b(G) * 255)
     with pytest.raises(ValueError, match=r"values in \[0, 1\], got \[-0.5, 1\]"):
         compute_pxap(_b(P) - 0.5 * (1 - _b(P)), _b(G))
     with pytest.raises(ValueError, match="must be binary"):
-        compute_pixel_f1(_b(P) * 0.5, _b(G))
-    with pytest.raises(ValueError, match="same shape.*ground truth's size"):
-        compute_pixel_f1(_b(P), torch.zeros(1, 1, 4, 3))
+        compute_pxap(_b(P), _b(G) * 0.5)
+    with pytest.raises(ValueError, match="same shape"):
+        compute_pxap(_b(P), torch.zeros(1, 1, 4, 3))
     with pytest.raises(ValueError, match=r"shape \(B, 1, \*spatial\)"):
-        compute_pixel_f1(P, G)
-    with pytest.raises(ValueError, match="region must be one of"):
-        PixelF1Metric(region="gland")
+        compute_pxap(P, G)
 
 
-def test_ignite_handlers_compute_over_an_epoch():
-    batches = [
-        {"pred": _b(P), "mask": _b(G), "logits": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([0])},
-        {"pred": _b(1 - P), "mask": _b(G), "logits": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([1])},
-    ]
+def test_pxap_handler_pools_an_epoch():
     engine = Engine(lambda e, b: b)
-    pixels = lambda o: (o["pred"], o["mask"])  # noqa: E731
-    PixelF1("foreground", output_transform=pixels).attach(engine, "f1_pos")
-    PixelF1("background", output_transform=pixels).attach(engine, "f1_neg")
-    PixelIoU("foreground", output_transform=pixels).attach(engine, "iou_pos")
-    PixelFPR(output_transform=pixels).attach(engine, "fpr")
-    PixelAP(output_transform=pixels).attach(engine, "pxap")
-    ClassificationError(output_transform=lambda o: (o["logits"], o["label"])).attach(engine, "error")
-    ClassificationError(accuracy=True, output_transform=lambda o: (o["logits"], o["label"])).attach(engine, "acc")
+    PixelAP(output_transform=lambda o: (o["pred"], o["mask"])).attach(engine, "pxap")
+    batches = [{"pred": _b(P) * 0.8, "mask": _b(G)}, {"pred": [_b(1 - P)[0]], "mask": [_b(G)[0]]}]
     state = engine.run(batches)
-    both = compute_pixel_f1(torch.cat([_b(P), _b(1 - P)]), torch.cat([_b(G), _b(G)]))
-    assert state.metrics["f1_pos"] == pytest.approx(both[:, 0].mean().item())
-    assert state.metrics["f1_neg"] == pytest.approx(both[:, 1].mean().item())
-    assert state.metrics["fpr"] == pytest.approx((1 / 7 + 6 / 7) / 2)
-    assert state.metrics["error"] == pytest.approx(0.5) and state.metrics["acc"] == pytest.approx(0.5)
-    assert 0 < state.metrics["pxap"] < 1 and 0 < state.metrics["iou_pos"] < 1
-    assert state.metric_details["f1_pos"].shape == (2, 1)  # per-image scores for MetricsSaver
+    expected = compute_pxap(torch.cat([_b(P) * 0.8, _b(1 - P)]), torch.cat([_b(G), _b(G)])).item()
+    assert state.metrics["pxap"] == pytest.approx(expected)
+    assert "pxap" not in getattr(state, "metric_details", {})  # no per-pixel details

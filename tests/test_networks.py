@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_wsl.networks import CAMClassifier, MaxMinUncertaintyNet, WildcatHead, soft_mask, wildcat_pool
+from monai_wsl.networks import CAMClassifier, MaskOutput, MaxMinUncertaintyNet, WildcatHead, soft_mask, wildcat_pool
 from monai_wsl.networks.blocks import global_pool, num_selected
 from monai_wsl.networks.utils import minmax_normalize
 
@@ -86,33 +86,38 @@ def test_maxmin_output_shapes(spatial_dims, size):
     assert out["mask"].shape == (2, 1, *size)
     assert out["cams"].shape == (2, 3, *low)
     assert ((out["mask"] > 0) & (out["mask"] < 1)).all()
-    net.output = "mask"
-    pred = net.eval()(x)
+    pred = MaskOutput(net).eval()(x)
     assert pred.shape == (2, 2, *size)
     torch.testing.assert_close(pred.sum(1), torch.ones(2, *size))
-    net.output = "logits"
-    assert net(x).shape == (2, 3)
 
 
-def test_output_modes_share_state_dict_and_sigma_is_saved():
-    nets = {o: MaxMinUncertaintyNet(encoder="resnet18", output=o) for o in ("dict", "mask", "logits")}
-    keys = [list(n.state_dict()) for n in nets.values()]
-    assert keys[0] == keys[1] == keys[2]
-    assert "sigma" in nets["dict"].state_dict()
-    # weights trained in dict mode load strictly into the inference (mask) network, sigma included
-    nets["dict"].sigma.fill_(0.2)
-    nets["mask"].load_state_dict(nets["dict"].state_dict(), strict=True)
-    assert nets["mask"].sigma.item() == pytest.approx(0.2)
-
-
-def test_mask_output_equals_dict_mask():
+def test_predict_is_the_forward_without_the_background_pass():
     torch.manual_seed(0)
     net = MaxMinUncertaintyNet(encoder="resnet18").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out, pred = net(x), net.predict(x)
+    assert set(pred) == {"mask", "logits"}
+    torch.testing.assert_close(pred["mask"], out["mask"])
+    torch.testing.assert_close(pred["logits"], out["logits"])
+
+
+def test_mask_output_has_the_networks_state_dict_and_mask():
+    torch.manual_seed(0)
+    trained = MaxMinUncertaintyNet(encoder="resnet18").eval()
+    trained.sigma.fill_(0.2)
+    served = MaskOutput(MaxMinUncertaintyNet(encoder="resnet18")).eval()
+    assert list(served.state_dict()) == list(trained.state_dict())  # no "network." prefix: model.pt loads as is
+    assert not list(served.parameters()) or all(
+        p is q for p, q in zip(served.parameters(), served.network.parameters())
+    )
+    served.load_state_dict(trained.state_dict(), strict=True)
+    assert served.network.sigma.item() == pytest.approx(0.2)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        m = net(x)["mask"]
-        net.output = "mask"
-        torch.testing.assert_close(net(x)[:, 1:], m)
+        m = trained(x)["mask"]
+        torch.testing.assert_close(served(x), torch.cat([1 - m, m], 1))
+        torch.testing.assert_close(served.predict(x)["logits"], trained(x)["logits"])
 
 
 def test_separate_encoders_have_own_parameters():
@@ -129,7 +134,7 @@ def test_gradients_of_fg_ce_and_bg_term_reach_the_localizer():
     from monai_wsl.losses import uniformity
 
     torch.manual_seed(0)
-    net = MaxMinUncertaintyNet(encoder="resnet18", dropout=0.0)
+    net = MaxMinUncertaintyNet(encoder="resnet18", wildcat={"dropout": 0.0})
     x, y = torch.rand(2, 3, 64, 64), torch.tensor([0, 1])
     for term in (
         lambda o: nn.functional.cross_entropy(o["logits"], y),
@@ -174,7 +179,7 @@ def test_bad_inputs_raise_clear_errors():
         net(torch.rand(1, 3, 39, 64))
     with pytest.raises(ValueError, match="floating-point"):
         net(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="output must be one of"):
+    with pytest.raises(TypeError, match="output"):  # a setting the network does not take is an error
         MaxMinUncertaintyNet(output="probabilities")
     with pytest.raises(ValueError, match="encoder must be"):
         MaxMinUncertaintyNet(encoder="vgg16")

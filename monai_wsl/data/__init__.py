@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .datalist import SPLITS, datalist_split, load_datalist, prepare_datalist
+from .datalist import load_datalist
 from .glas import (
     DEFAULT_VALID_FRACTION,
     GLAS_CLASS_NAMES,

@@ -1,4 +1,5 @@
-"""Checkpoints that resume exactly: the best-model saver's record travels with the training checkpoint."""
+"""Checkpoints that resume exactly: the best-model saver's record travels with the training checkpoint, and the
+resuming loader finds the newest training checkpoint itself."""
 
 from __future__ import annotations
 
@@ -6,12 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ignite.engine import Engine
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from monai_wsl.utils import as_bool
-
-__all__ = ["ResumableCheckpointSaver", "latest_checkpoint", "checkpoint_to_resume", "attach_checkpointing"]
+__all__ = ["ResumableCheckpointSaver", "ResumeCheckpointLoader", "latest_checkpoint"]
 
 
 class ResumableCheckpointSaver(CheckpointSaver):
@@ -45,39 +43,24 @@ def latest_checkpoint(ckpt_dir: str | Path, pattern: str = r"checkpoint_epoch=(\
     return str(max(found)[1]) if found else None
 
 
-def checkpoint_to_resume(ckpt_dir: str | Path, resume: bool = True) -> str | None:
-    """The checkpoint a ``resume`` run continues from: :func:`latest_checkpoint` of ``ckpt_dir``; None when not
-    resuming. Raises ``FileNotFoundError`` when resuming without any checkpoint."""
-    if not as_bool(resume):
-        return None
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        raise FileNotFoundError(
-            f"resume=True but {ckpt_dir} holds no checkpoint_epoch=N.pt: train without --resume first, or point "
-            "ckpt_dir at the folder of the run to continue."
-        )
-    return path
+class ResumeCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` of the newest training checkpoint in ``ckpt_dir`` (:func:`latest_checkpoint`):
+    what ``--resume true`` continues from.
 
+    Args:
+        ckpt_dir: the folder of the run to continue.
+        load_dict: the objects to restore, as saved (the bundle's ``training_state``).
+        kwargs: other ``CheckpointLoader`` arguments (``map_location``, ``strict``, ...).
 
-def attach_checkpointing(
-    trainer: Engine,
-    training_state: dict,
-    ckpt_dir: str | Path,
-    resume: bool = False,
-    map_location: Any = None,
-    n_saved: int = 1,
-) -> Engine:
-    """Save ``training_state`` (which holds the trainer itself, hence attached here rather than listed in the
-    trainer's handlers: a config cannot refer to the trainer from inside its own handler list) after every epoch as
-    ``checkpoint_epoch=N.pt``, after all other handlers; with ``resume``, first restore it from the latest such file.
-
-    Returns the trainer, for chaining in a config's ``run`` list.
+    Raises:
+        FileNotFoundError: ``ckpt_dir`` holds no ``checkpoint_epoch=N.pt``.
     """
-    if as_bool(resume):
-        CheckpointLoader(
-            load_path=checkpoint_to_resume(ckpt_dir, True), load_dict=training_state, map_location=map_location
-        ).attach(trainer)
-    CheckpointSaver(
-        save_dir=str(ckpt_dir), save_dict=training_state, save_interval=1, n_saved=n_saved, epoch_level=True
-    ).attach(trainer)
-    return trainer
+
+    def __init__(self, ckpt_dir: str | Path, load_dict: dict, **kwargs: Any) -> None:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(
+                f"resume=True but {ckpt_dir} holds no checkpoint_epoch=N.pt: train without --resume first, or point "
+                "ckpt_dir at the folder of the run to continue."
+            )
+        super().__init__(load_path=path, load_dict=load_dict, **kwargs)

@@ -1,3 +1,3 @@
 from __future__ import annotations
 
-from .inferer import WSLInferer
+from .inferer import CAM_METHODS, GradCAMInferer, WSLInferer

@@ -1,4 +1,5 @@
-"""Inference that yields both outputs of a weakly-supervised network: the mask and the class."""
+"""Inference that yields both outputs of a weakly-supervised network, the mask and the class: the network's own
+prediction, or the Grad-CAM / Grad-CAM++ map of a trained CAM classifier."""
 
 from __future__ import annotations
 
@@ -6,25 +7,79 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.inferers import Inferer
 
-__all__ = ["WSLInferer"]
+from monai_wsl.networks.utils import normalized_map, unwrap
+
+__all__ = ["WSLInferer", "GradCAMInferer", "CAM_METHODS"]
+
+CAM_METHODS = ("gradcam", "gradcampp")
 
 
 class WSLInferer(Inferer):
-    """Runs ``network.segment_and_classify(inputs)`` and returns ``{"mask": (B, 1, *spatial), "logits": (B, K)}``.
+    """Runs ``network.predict(inputs)``: ``{"mask": (B, 1, *spatial), "logits": (B, K)}``, with only the passes the
+    prediction needs (for max-min: no background pass).
 
-    The network itself may be configured with ``output="mask"`` (as ``verify_net_in_out``, TorchScript export and
-    MONAI Label's checkpoint loading need); this inferer still gets the class, from the same forward passes.
-    DDP / DataParallel wrappers are looked through. Follow it with
+    Works for every :class:`~monai_wsl.networks.nets.base.WSLNet`, for the :class:`~monai_wsl.networks.MaskOutput`
+    view that ``inference.json`` and MONAI Label load, and through DDP / DataParallel wrappers. Follow it with
     :class:`~monai_wsl.transforms.SplitPredictiond` in the postprocessing.
     """
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        net = network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
-        if not hasattr(net, "segment_and_classify"):
+        net = unwrap(network)
+        if not hasattr(net, "predict"):
             raise ValueError(
-                f"WSLInferer needs a monai_wsl network with segment_and_classify(), got {type(net).__name__}; "
-                "use monai.inferers.SimpleInferer for other networks."
+                f"WSLInferer needs a monai_wsl network with predict(), got {type(net).__name__}; use "
+                "monai.inferers.SimpleInferer for other networks."
             )
-        return net.segment_and_classify(inputs)
+        return net.predict(inputs)
+
+
+class GradCAMInferer(Inferer):
+    """The Grad-CAM (Selvaraju et al., ICCV 2017) or Grad-CAM++ (Chattopadhyay et al., WACV 2018) map of a trained
+    :class:`~monai_wsl.networks.CAMClassifier`, and its class: ``{"mask": (B, 1, *spatial), "logits": (B, K)}``.
+
+    The map is taken at the encoder's output (the feature map the head sees) for each image's predicted class, with
+    the formulas of ``monai.visualize.GradCAM`` / ``GradCAMpp``, then upsampled and min-max normalised per image like
+    every method's map (segmented at 0.5). Only the head is differentiated (``torch.autograd.grad`` with respect to
+    the features), so it runs under ``torch.no_grad()`` / ``inference_mode`` as in the evaluators, and leaves the
+    network's parameters, their ``.grad``, its train / eval modes and hooks as they were. Each image's gradient is
+    that of its own score (a batch may mix predicted classes). Grad-CAM++'s ``exp(score)`` factor is left out: it is
+    a positive factor per image, removed by the normalisation, that overflows float32 for a logit above about 88.
+
+    Args:
+        cam_method: ``"gradcam"`` or ``"gradcampp"``.
+    """
+
+    def __init__(self, cam_method: str = "gradcam") -> None:
+        super().__init__()
+        if cam_method not in CAM_METHODS:
+            raise ValueError(f"cam_method must be one of {CAM_METHODS}, got {cam_method!r}.")
+        self.cam_method = cam_method
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        net = unwrap(network)
+        net = getattr(net, "network", net)  # the MaskOutput view of inference.json
+        if not (hasattr(net, "encoder") and hasattr(net, "head")):
+            raise ValueError(f"GradCAMInferer needs a CAMClassifier (encoder + head), got {type(net).__name__}.")
+        net.check_input(inputs)
+        features = net.encoder(inputs)
+        with torch.inference_mode(False), torch.enable_grad():
+            # A copy: tensors made under torch.inference_mode() cannot enter an autograd graph.
+            acti = features.detach().clone().requires_grad_(True)
+            logits, _ = net.head(acti)
+            score = logits.gather(1, logits.argmax(1, keepdim=True))
+            (grad,) = torch.autograd.grad(score.sum(), acti)
+        acti = acti.detach()
+        b, c = grad.shape[:2]
+        spatial = [1] * (grad.ndim - 2)
+        if self.cam_method == "gradcam":
+            weights = grad.view(b, c, -1).mean(2).view(b, c, *spatial)
+        else:
+            alpha_nr = grad.pow(2)
+            alpha_dr = alpha_nr.mul(2) + acti.mul(grad.pow(3)).view(b, c, -1).sum(-1).view(b, c, *spatial)
+            alpha = alpha_nr.div(torch.where(alpha_dr != 0.0, alpha_dr, torch.ones_like(alpha_dr)) + 1e-7)
+            weights = (alpha * F.relu(grad)).view(b, c, -1).sum(-1).view(b, c, *spatial)
+        cam = F.relu((weights * acti).sum(1, keepdim=True))
+        return {"mask": normalized_map(cam, inputs.shape[2:]), "logits": logits.detach()}

@@ -30,8 +30,7 @@ def extended_log_barrier(z: torch.Tensor, t: float | torch.Tensor) -> torch.Tens
 class ExtendedLogBarrier(nn.Module):
     """Module form of :func:`extended_log_barrier` whose ``t`` is a buffer, saved in checkpoints.
 
-    ``t`` is grown during training (``t <- min(t * 1.01, 10)`` once per epoch in the paper) by
-    :meth:`step`, or set directly.
+    ``t`` is grown during training (``t = min(5 * 1.01^epoch, 10)`` in the paper; the bundle's schedule sets it).
 
     Args:
         t: initial ``t`` (> 0); larger is closer to the hard barrier.
@@ -46,11 +45,6 @@ class ExtendedLogBarrier(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Elementwise penalty of ``z`` (any shape), computed in float32."""
         return extended_log_barrier(z.float(), self.t)
-
-    def step(self, factor: float = 1.01, max_t: float = 10.0) -> float:
-        """``t <- min(t * factor, max_t)``; returns the new ``t``."""
-        self.t.fill_(min(float(self.t) * factor, max_t))
-        return float(self.t)
 
     def extra_repr(self) -> str:
         return f"t={float(self.t):.4g}"

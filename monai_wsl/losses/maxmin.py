@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.utils import LossReduction
+from monai.utils import LossReduction, str2bool
 from torch.nn.modules.loss import _Loss
 
 from monai_wsl.losses.barrier import ExtendedLogBarrier
@@ -60,7 +60,7 @@ class MaxMinUncertaintyLoss(_Loss):
     Example::
 
         loss_fn = MaxMinUncertaintyLoss()
-        loss = loss_fn(net(images), labels)   # net: MaxMinUncertaintyNet(output="dict")
+        loss = loss_fn(net(images), labels)   # net: MaxMinUncertaintyNet
         loss_fn.terms["loss_size"]
     """
 
@@ -70,7 +70,7 @@ class MaxMinUncertaintyLoss(_Loss):
         self,
         lambda_bg: float = 1e-7,
         bg_term: str | None = "sem",
-        size_constraint: bool = True,
+        size_constraint: bool | str = True,
         t: float = 5.0,
         reduction: LossReduction | str = LossReduction.MEAN,
     ) -> None:
@@ -79,7 +79,7 @@ class MaxMinUncertaintyLoss(_Loss):
             raise ValueError(f"bg_term must be one of {MODES} or None, got {bg_term!r}.")
         if lambda_bg < 0:
             raise ValueError(f"lambda_bg must be >= 0, got {lambda_bg}.")
-        self.lambda_bg, self.bg_term, self.size_constraint = lambda_bg, bg_term, size_constraint
+        self.lambda_bg, self.bg_term, self.size_constraint = lambda_bg, bg_term, str2bool(size_constraint)
         self.barrier = ExtendedLogBarrier(t)
         self.terms: dict[str, torch.Tensor] = {}
 
@@ -90,7 +90,7 @@ class MaxMinUncertaintyLoss(_Loss):
     def forward(self, input: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            input: the network's ``output="dict"`` (keys ``logits``, ``logits_bg``, ``logits_loc``, ``mask``).
+            input: the network's output (keys ``logits``, ``logits_bg``, ``logits_loc``, ``mask``).
             target: image-level labels ``(B,)`` or ``(B, 1)``.
         """
         if not isinstance(input, Mapping) or any(k not in input for k in self.KEYS):

@@ -8,9 +8,28 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.utils import evenly_divisible_all_gather
 
-from monai_wsl.metrics.pixel import check_mask
-
 __all__ = ["compute_pxap", "PixelAPMetric"]
+
+
+def check_mask(mask: torch.Tensor, name: str, binary: bool = False) -> torch.Tensor:
+    """Validate a map ``(B, 1, *spatial)`` (or ``(B, 2, *spatial)`` ``[background, foreground]``, whose
+    foreground channel is used) with values in [0, 1] (``{0, 1}`` when ``binary``); returns ``(B, 1, *spatial)``."""
+    # Plain tensors: MONAI's per-image meta data does not survive the flattening done here.
+    mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
+    if mask.ndim < 3 or mask.shape[1] not in (1, 2):
+        raise ValueError(f"{name} must have shape (B, 1, *spatial), got {tuple(mask.shape)}.")
+    if mask.shape[1] == 2:
+        mask = mask[:, 1:]
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+        raise ValueError(
+            f"{name} must hold values in [0, 1], got [{mask.min().item():g}, {mask.max().item():g}]; for a label "
+            "map with instance ids or 255 for foreground, binarise it first (e.g. `mask > 0`)."
+        )
+    if binary and not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{name} must be binary (0 / 1); threshold it first (e.g. `AsDiscrete(threshold=0.5)`).")
+    return mask
 
 
 def _average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -34,17 +53,22 @@ def _average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return (recall_step * precision).sum()
 
 
+def _scores_and_labels(y_score: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked maps and ground truth, ``(B, 1, *spatial)`` each, on the maps' device."""
+    s = check_mask(y_score, "y_score")
+    g = check_mask(y, "y", binary=True).to(s.device)  # a ground truth kept on the CPU meets a GPU prediction
+    if s.shape != g.shape:
+        raise ValueError(f"y_score and y must have the same shape, got {tuple(s.shape)} and {tuple(g.shape)}.")
+    return s, g
+
+
 def compute_pxap(y_score: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pixel average precision of continuous maps ``(B, 1, *spatial)`` in [0, 1] against binary ground truth of the
     same shape, pooling every pixel of every image (a scalar tensor; NaN if no pixel is foreground).
 
     Equal to ``sklearn.metrics.average_precision_score(y.flatten(), y_score.flatten())``.
     """
-    s = check_mask(y_score, "y_score")
-    g = check_mask(y, "y", binary=True).to(s.device)
-    if s.shape != g.shape:
-        raise ValueError(f"y_score and y must have the same shape, got {tuple(s.shape)} and {tuple(g.shape)}.")
-    return _average_precision(s, g)
+    return _average_precision(*_scores_and_labels(y_score, y))
 
 
 class PixelAPMetric(CumulativeIterationMetric):
@@ -74,10 +98,7 @@ class PixelAPMetric(CumulativeIterationMetric):
         self._synced = True
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        s = check_mask(y_pred, "y_pred")
-        g = check_mask(y, "y", binary=True).to(s.device)  # a ground truth kept on the CPU meets a GPU prediction
-        if s.shape != g.shape:
-            raise ValueError(f"y_pred and y must have the same shape, got {tuple(s.shape)} and {tuple(g.shape)}.")
+        s, g = _scores_and_labels(y_pred, y)
         return torch.stack([s.flatten().float(), g.flatten().float()], 1)  # (pixels, 2)
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]

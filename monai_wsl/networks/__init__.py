@@ -5,9 +5,10 @@ from .nets import (
     ENCODERS,
     CAMClassifier,
     DeepMILNet,
-    GradCAMClassifier,
+    MaskOutput,
     MaxMinUncertaintyNet,
+    WSLNet,
     build_encoder,
     load_encoder_weights,
 )
-from .utils import minmax_normalize, normalized_map, resize_by, soft_mask, upsample
+from .utils import minmax_normalize, normalized_map, resize_by, soft_mask, unwrap, upsample

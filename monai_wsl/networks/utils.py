@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample", "minmax_normalize", "normalized_map", "soft_mask", "resize_by", "as_plain_tensor"]
+__all__ = ["upsample", "minmax_normalize", "normalized_map", "soft_mask", "resize_by", "as_plain_tensor", "unwrap"]
 
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -81,3 +81,9 @@ def soft_mask(
     probs = scores.softmax(1).view(*scores.shape, *([1] * (class_maps.ndim - 2)))
     mixed = (probs * class_maps).sum(1, keepdim=True)
     return torch.sigmoid(w * (normalized_map(mixed, spatial_size) - sigma))
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP / DataParallel wrapper (any other module unchanged)."""
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return module.module if isinstance(module, parallel) else module

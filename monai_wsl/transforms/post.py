@@ -13,12 +13,12 @@ __all__ = ["SplitPredictiond", "SplitPredictionD", "SplitPredictionDict"]
 
 class SplitPredictiond(MapTransform):
     """Split a per-image dict prediction ``{"mask": (1, *spatial), "logits": (K,)}`` (from
-    :class:`~monai_wsl.inferers.WSLInferer` or a network's ``output="dict"``, after decollation) into plain entries:
+    :class:`~monai_wsl.inferers.WSLInferer` or a network's forward, after decollation) into plain entries:
     ``mask_key`` <- the soft mask, ``logits_key`` <- the logits, ``prob_key`` <- their softmax.
 
     With ``mask_key`` equal to the input key, the dict is replaced by the mask (what ``SaveImaged``, MONAI Label and
-    the metrics expect). A prediction that is already a tensor (a network with ``output="mask"``, ``(2, *spatial)``
-    ``[1 - M, M]``) gives its foreground channel and no logits.
+    the metrics expect). A prediction that is already a tensor (from :class:`~monai_wsl.networks.MaskOutput` or its
+    TorchScript export, ``(2, *spatial)`` ``[1 - M, M]``) gives its foreground channel and no logits.
 
     Args:
         keys: key(s) of the dict prediction, usually ``"pred"``.

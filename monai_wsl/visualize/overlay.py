@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["display_image", "mask_overlay_panels", "overlay_grid", "to_uint8", "COLORS"]
+__all__ = ["display_image", "mask_overlay_panels", "overlay_grid", "tint", "to_uint8", "COLORS"]
 
 COLORS = {
     "pred": (0.0, 0.75, 0.85),  # teal: predicted region
@@ -56,7 +56,8 @@ def _contour(mask: torch.Tensor) -> torch.Tensor:
     return (m - eroded)[0, 0] > 0
 
 
-def _blend(rgb: torch.Tensor, where: torch.Tensor, color: Sequence[float], alpha: float) -> torch.Tensor:
+def tint(rgb: torch.Tensor, where: torch.Tensor, color: Sequence[float], alpha: float = 0.45) -> torch.Tensor:
+    """``(3, H, W)`` RGB in [0, 1] with the pixels of the ``(H, W)`` bool mask ``where`` blended towards ``color``."""
     c = torch.tensor(color).view(3, 1, 1)
     return torch.where(where[None], (1 - alpha) * rgb + alpha * c, rgb)
 
@@ -83,15 +84,15 @@ def mask_overlay_panels(
     p = _plane(pred, transpose)[0] >= threshold
     if p.shape != rgb.shape[1:]:
         raise ValueError(f"pred {tuple(p.shape)} and image {tuple(rgb.shape[1:])} differ in size.")
-    predicted = _blend(rgb, p, COLORS["pred"], alpha)
+    predicted = tint(rgb, p, COLORS["pred"], alpha)
     panels = [rgb]
     if gt is not None:
         g = _plane(gt, transpose)[0] > 0
         outline = _contour(g)
-        predicted = _blend(predicted, outline, COLORS["contour"], 1.0)
-        errors = _blend(rgb, p & g, COLORS["tp"], alpha)
-        errors = _blend(errors, p & ~g, COLORS["fp"], alpha)
-        errors = _blend(errors, ~p & g, COLORS["fn"], alpha)
+        predicted = tint(predicted, outline, COLORS["contour"], 1.0)
+        errors = tint(rgb, p & g, COLORS["tp"], alpha)
+        errors = tint(errors, p & ~g, COLORS["fp"], alpha)
+        errors = tint(errors, ~p & g, COLORS["fn"], alpha)
         panels += [predicted, errors]
     else:
         panels.append(predicted)

@@ -8,9 +8,7 @@ import torch
 import torch.nn as nn
 from monai.networks.layers.factories import Conv
 
-from monai_wsl.networks.blocks.wildcat import WildcatHead
-
-__all__ = ["CAMHead", "global_pool", "POOLINGS", "make_class_map_head"]
+__all__ = ["CAMHead", "global_pool", "POOLINGS"]
 
 POOLINGS = ("avg", "max", "lse")
 
@@ -66,21 +64,3 @@ class CAMHead(nn.Module):
         """``(B, C, *spatial) -> scores (B, K), class maps (B, K, *spatial)``."""
         maps = self.conv(self.dropout(features))
         return global_pool(maps, self.pooling, self.lse_r), maps
-
-
-def make_class_map_head(
-    pooling: str,
-    spatial_dims: int,
-    in_channels: int,
-    num_classes: int,
-    modalities: int = 5,
-    kmax: float = 0.3,
-    kmin: float = 0.0,
-    alpha: float = 0.6,
-    dropout: float = 0.1,
-    lse_r: float = 10.0,
-) -> nn.Module:
-    """A :class:`WildcatHead` for ``pooling="wildcat"``, else a :class:`CAMHead` with that pooling."""
-    if pooling == "wildcat":
-        return WildcatHead(spatial_dims, in_channels, num_classes, modalities, kmax, kmin, alpha, dropout)
-    return CAMHead(spatial_dims, in_channels, num_classes, pooling=pooling, lse_r=lse_r)

@@ -57,7 +57,14 @@ def wildcat_pool(
 
 
 class WildcatPool(nn.Module):
-    """Module form of :func:`wildcat_pool` (dropout on the selected values, training only)."""
+    """Module form of :func:`wildcat_pool` (dropout on the selected values, training only).
+
+    Args:
+        kmax, kmin, alpha: see :func:`wildcat_pool`.
+        dropout: dropout probability on the selected values.
+
+    The defaults are the settings of the max-min paper's GlaS recipe.
+    """
 
     def __init__(self, kmax: float = 0.3, kmin: float = 0.0, alpha: float = 0.6, dropout: float = 0.1) -> None:
         super().__init__()
@@ -89,8 +96,7 @@ class WildcatHead(nn.Module):
         in_channels: channels of the encoder's feature map.
         num_classes: ``K``.
         modalities: ``M``, maps per class (channels are grouped class-major: ``k * M .. k * M + M - 1``).
-        kmax, kmin, alpha: see :func:`wildcat_pool`.
-        dropout: dropout probability on the selected values (training only).
+        pooling: ``kmax``, ``kmin``, ``alpha``, ``dropout`` of :class:`WildcatPool` (its defaults are the paper's).
 
     Example::
 
@@ -99,22 +105,14 @@ class WildcatHead(nn.Module):
     """
 
     def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        num_classes: int,
-        modalities: int = 5,
-        kmax: float = 0.3,
-        kmin: float = 0.0,
-        alpha: float = 0.6,
-        dropout: float = 0.1,
+        self, spatial_dims: int, in_channels: int, num_classes: int, modalities: int = 5, **pooling: float
     ) -> None:
         super().__init__()
         if num_classes < 1 or modalities < 1:
             raise ValueError(f"num_classes and modalities must be >= 1, got {num_classes} and {modalities}.")
         self.num_classes, self.modalities = num_classes, modalities
         self.conv = Conv[Conv.CONV, spatial_dims](in_channels, num_classes * modalities, kernel_size=1)
-        self.pool = WildcatPool(kmax=kmax, kmin=kmin, alpha=alpha, dropout=dropout)
+        self.pool = WildcatPool(**pooling)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, *spatial) -> scores (B, K), class maps (B, K, *spatial)``."""

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .base import OUTPUTS, WSLNetBase
+from .base import MaskOutput, WSLNet
 from .cam import CAMClassifier, CAMNet, camnet, class_map_of
 from .deepmil import DeepMIL, DeepMILNet, deepmilnet
 from .encoders import (
@@ -11,5 +11,4 @@ from .encoders import (
     efficientnet_lite0_weights_path,
     load_encoder_weights,
 )
-from .gradcam import CAM_METHODS, GradCAMClassifier, GradCAMNet, gradcamnet
 from .maxmin import MaxMinNet, MaxMinUncertaintyNet, maxminnet

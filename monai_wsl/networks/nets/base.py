@@ -1,27 +1,44 @@
-"""What every monai_wsl network shares: input checks and the three output modes."""
+"""What every monai_wsl network shares: the encoder, input checks, the prediction and the mask-tensor view."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from monai.utils import str2bool
 
-__all__ = ["WSLNetBase", "OUTPUTS"]
+from monai_wsl.networks.nets.encoders import build_encoder
 
-#: ``dict``: every training output; ``mask``: ``(B, 2, *spatial)`` ``[1 - M, M]`` for inference, MONAI Label and
-#: ``verify_net_in_out``; ``logits``: ``(B, K)`` class logits (e.g. for ``monai.visualize.GradCAM``).
-OUTPUTS = ("dict", "mask", "logits")
+__all__ = ["WSLNet", "MaskOutput"]
 
 
-class WSLNetBase(nn.Module):
-    """Base of the weakly-supervised networks: one image in, class logits and a pixel map in [0, 1] out.
+class WSLNet(nn.Module):
+    """Base of the weakly-supervised networks: an encoder, and heads that give class logits and a pixel map.
 
-    Subclasses implement ``forward`` and return, by ``self.output``, the dict, the mask tensor or the logits.
-    Switching ``output`` does not change the parameters, so the state dict keys are the same in every mode.
+    A subclass builds its heads and implements ``forward``, which always returns a dict with at least ``logits``
+    ``(B, K)`` and ``mask`` ``(B, 1, *spatial)`` in [0, 1] at the input's size (the map that is scored and segmented
+    at 0.5). :meth:`predict` gives those two for inference; a subclass may make it cheaper.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: ``K``, at least 2 (e.g. benign / malignant).
+        encoder: a name in :data:`~monai_wsl.networks.nets.encoders.ENCODERS` or an ``nn.Module``.
+        pretrained: load the offline ImageNet weights (EfficientNet-lite0).
+        pretrained_path: a local encoder state dict to load (e.g. ImageNet ResNet-18 from torchvision).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, output: str) -> None:
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        encoder: str | nn.Module = "resnet18",
+        pretrained: bool | str = False,
+        pretrained_path: str | Path | None = None,
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -30,24 +47,22 @@ class WSLNetBase(nn.Module):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (e.g. benign / malignant), got {num_classes}.")
         self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
-        self.output = output
+        self._encoder_args = (encoder, spatial_dims, in_channels, str2bool(pretrained), pretrained_path)
+        self.encoder = build_encoder(*self._encoder_args)
 
-    @property
-    def output(self) -> str:
-        return self._output
+    def new_encoder(self) -> nn.Module:
+        """Another encoder built as ``self.encoder`` was (same architecture, same initial weights' source)."""
+        if isinstance(self._encoder_args[0], nn.Module):
+            raise ValueError("a second encoder needs an encoder name: a module cannot be duplicated safely.")
+        return build_encoder(*self._encoder_args)
 
-    @output.setter
-    def output(self, value: str) -> None:
-        if value not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {value!r}.")
-        self._output = value
+    #: the smallest factor by which the network resizes its input (the max-min classifier sees ``x`` at 0.8)
+    _smallest_scale = 1.0
 
     @property
     def min_spatial_size(self) -> int:
-        """Smallest side an input may have: one output stride of the encoder(s) at every resolution seen."""
+        """Smallest side an input may have: one output stride of the encoder at every resolution seen."""
         return math.ceil(self.encoder.output_stride / self._smallest_scale)
-
-    _smallest_scale = 1.0
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` naming what was expected when ``x`` is not ``(B, in_channels, *spatial)``."""
@@ -77,14 +92,37 @@ class WSLNetBase(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point image tensor, got {x.dtype}; convert with x.float().")
 
-    def segment_and_classify(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inference in one call, whatever ``output`` is: ``{"mask": (B, 1, *spatial) in [0, 1], "logits": (B, K)}``.
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference: ``{"mask": (B, 1, *spatial) in [0, 1], "logits": (B, K)}``."""
+        out = self(x)
+        return {"mask": out["mask"], "logits": out["logits"]}
 
-        Cheaper than ``output="dict"``: only the passes needed for the prediction run.
-        """
-        raise NotImplementedError
 
-    @staticmethod
-    def mask_output(mask: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, *spatial)`` soft mask -> ``(B, 2, *spatial)`` ``[1 - M, M]`` (background, foreground)."""
+class MaskOutput(nn.Module):
+    """A :class:`WSLNet` seen as a segmentation network: ``(B, C, *spatial) -> (B, 2, *spatial)`` ``[1 - M, M]``
+    (background, foreground), the tensor that ``verify_net_in_out``, TorchScript export and MONAI Label expect.
+
+    It holds no parameters of its own and its state dict is the wrapped network's, key for key, so a ``model.pt``
+    saved in training loads into it as is. :meth:`predict` is the wrapped network's, so the bundle's
+    :class:`~monai_wsl.inferers.WSLInferer` still gets the class from the same passes.
+
+    Args:
+        network: the trained network.
+    """
+
+    def __init__(self, network: WSLNet) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.network.predict(x)["mask"]
         return torch.cat([1 - mask, mask], dim=1)
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.network.predict(x)
+
+    def state_dict(self, *args, **kwargs):
+        return self.network.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)

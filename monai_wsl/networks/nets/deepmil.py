@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 from monai.networks.layers.factories import Conv
+from monai.utils import str2bool
 
-from monai_wsl.networks.nets.base import WSLNetBase
-from monai_wsl.networks.nets.encoders import build_encoder
+from monai_wsl.networks.nets.base import WSLNet
 from monai_wsl.networks.utils import normalized_map
 
 __all__ = ["DeepMILNet", "DeepMIL", "deepmilnet"]
 
 
-class DeepMILNet(WSLNetBase):
+class DeepMILNet(WSLNet):
     """Attention-based deep multiple-instance learning (Deep MIL), 2D and 3D.
 
     Ilse, Tomczak, Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018.
@@ -28,17 +28,14 @@ class DeepMILNet(WSLNetBase):
     map (segmented at 0.5 like every other method's).
 
     Args:
-        spatial_dims, in_channels, num_classes, encoder, pretrained, pretrained_path: as
-            :class:`~monai_wsl.networks.nets.cam.CAMClassifier`.
         embed_dim: channels of the 1x1 projection of the instances; ``None`` (or 0) uses the encoder's features as
             they are.
         attention_dim: hidden size ``L`` of the attention network (``V``, ``U``: ``D -> L``, ``w``: ``L -> 1``).
         gated: gated attention (``tanh * sigmoid``); ``False`` is the plain ``tanh`` attention of the paper.
         dropout: dropout probability on the instances (training only).
-        output: ``"dict"`` (``logits``, ``mask``, ``attention``), ``"mask"`` (``(B, 2, *spatial)`` ``[1 - M, M]``) or
-            ``"logits"`` (``(B, K)``). Parameters do not depend on it.
+        kwargs: the encoder settings of :class:`~monai_wsl.networks.nets.base.WSLNet`.
 
-    ``output="dict"`` returns::
+    ``forward`` returns::
 
         logits      (B, K)                 bag (image) class logits
         mask        (B, 1, *spatial)       normalised attention in [0, 1] at input resolution
@@ -52,40 +49,33 @@ class DeepMILNet(WSLNetBase):
 
     def __init__(
         self,
-        spatial_dims: int = 2,
-        in_channels: int = 3,
-        num_classes: int = 2,
-        encoder: str | nn.Module = "resnet18",
-        pretrained: bool = False,
-        pretrained_path: str | Path | None = None,
         embed_dim: int | None = 128,
         attention_dim: int = 128,
-        gated: bool = True,
+        gated: bool | str = True,
         dropout: float = 0.0,
-        output: str = "dict",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(spatial_dims, in_channels, num_classes, output)
+        super().__init__(**kwargs)
         if embed_dim is not None and embed_dim < 0:
             raise ValueError(f"embed_dim must be a positive int or None, got {embed_dim}.")
         if attention_dim < 1:
             raise ValueError(f"attention_dim must be >= 1, got {attention_dim}.")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        self.encoder = build_encoder(encoder, spatial_dims, in_channels, pretrained, pretrained_path)
         channels = self.encoder.out_channels
         if embed_dim:
             self.projection = nn.Sequential(
-                Conv[Conv.CONV, spatial_dims](channels, embed_dim, kernel_size=1), nn.ReLU()
+                Conv[Conv.CONV, self.spatial_dims](channels, embed_dim, kernel_size=1), nn.ReLU()
             )
             channels = embed_dim
         else:
             self.projection = nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.attention_v = nn.Linear(channels, attention_dim)
-        self.attention_u = nn.Linear(channels, attention_dim) if gated else None
+        self.gated = str2bool(gated)
+        self.attention_u = nn.Linear(channels, attention_dim) if self.gated else None
         self.attention_w = nn.Linear(attention_dim, 1)
-        self.classifier = nn.Linear(channels, num_classes)
-        self.gated = gated
+        self.classifier = nn.Linear(channels, self.num_classes)
 
     def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, *spatial)`` -> logits ``(B, K)`` and attention ``(B, 1, *low)`` (sums to 1 per image)."""
@@ -99,22 +89,10 @@ class DeepMILNet(WSLNetBase):
         bag = torch.bmm(attention.unsqueeze(1), h).squeeze(1)  # (B, D) = sum_i a_i h_i
         return self.classifier(bag), attention.view(x.shape[0], 1, *low)
 
-    def segment_and_classify(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"mask": normalised attention (B, 1, *spatial), "logits": (B, K)}``."""
-        out = self._dict(x)
-        return {"mask": out["mask"], "logits": out["logits"]}
-
-    def _dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
         logits, attention = self.attend(x)
         return {"logits": logits, "mask": normalized_map(attention, x.shape[2:]), "attention": attention}
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-        if self.output == "logits":
-            self.check_input(x)
-            return self.attend(x)[0]
-        out = self._dict(x)
-        return self.mask_output(out["mask"]) if self.output == "mask" else out
 
 
 DeepMIL = deepmilnet = DeepMILNet

@@ -3,20 +3,19 @@ the masked image and its complement."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn as nn
+from monai.utils import str2bool
 
 from monai_wsl.networks.blocks.wildcat import WildcatHead
-from monai_wsl.networks.nets.base import WSLNetBase
-from monai_wsl.networks.nets.encoders import build_encoder
+from monai_wsl.networks.nets.base import WSLNet
 from monai_wsl.networks.utils import as_plain_tensor, resize_by, soft_mask
 
 __all__ = ["MaxMinUncertaintyNet", "MaxMinNet", "maxminnet"]
 
 
-class MaxMinUncertaintyNet(WSLNetBase):
+class MaxMinUncertaintyNet(WSLNet):
     """Max-min uncertainty network for weakly-supervised segmentation, 2D and 3D.
 
     Belharbi et al., "Deep Interpretable Classification and Weakly-Supervised Segmentation of Histology Images via
@@ -27,22 +26,17 @@ class MaxMinUncertaintyNet(WSLNetBase):
     ``x * M`` and ``x * (1 - M)``, both resized by ``scale_in_cl``, in one batched pass.
 
     Args:
-        spatial_dims: 2 or 3.
-        in_channels: image channels.
-        num_classes: ``K``.
-        encoder: a name in :data:`~monai_wsl.networks.nets.encoders.ENCODERS` or an ``nn.Module``.
-        pretrained: load the offline ImageNet weights (EfficientNet-lite0).
-        pretrained_path: a local encoder state dict to load (e.g. ImageNet ResNet-18 from torchvision).
         shared_encoder: one encoder (BatchNorm included) for localizer and classifier, as in the paper; ``False``
             gives the classifier its own copy (initialised the same way).
-        modalities, kmax, kmin, alpha, dropout: :class:`WildcatHead` settings of both heads.
-        sigma: initial mask threshold (a buffer, saved with the weights; grown during training by a handler).
+        wildcat: settings of both :class:`WildcatHead` (``modalities``, ``kmax``, ``kmin``, ``alpha``, ``dropout``);
+            the paper's values where left out.
+        sigma: initial mask threshold (a buffer, saved with the weights; the bundle's schedule grows it).
         w: sigmoid slope of the soft mask.
         scale_in_cl: resize factor of the classifier's inputs.
-        output: ``"dict"`` (training), ``"mask"`` (``(B, 2, *spatial)`` ``[1 - M, M]``, inference) or
-            ``"logits"`` (``(B, K)`` classifier logits on ``x * M``). Parameters do not depend on it.
+        kwargs: the encoder settings of :class:`~monai_wsl.networks.nets.base.WSLNet` (``spatial_dims``,
+            ``in_channels``, ``num_classes``, ``encoder``, ``pretrained``, ``pretrained_path``).
 
-    ``output="dict"`` returns::
+    ``forward`` returns::
 
         logits      (B, K)                 classifier on x * M ("foreground logits", the class prediction)
         logits_bg   (B, K)                 classifier on x * (1 - M) ("background logits")
@@ -58,43 +52,27 @@ class MaxMinUncertaintyNet(WSLNetBase):
 
     def __init__(
         self,
-        spatial_dims: int = 2,
-        in_channels: int = 3,
-        num_classes: int = 2,
-        encoder: str | nn.Module = "resnet18",
-        pretrained: bool = False,
-        pretrained_path: str | Path | None = None,
-        shared_encoder: bool = True,
-        modalities: int = 5,
-        kmax: float = 0.3,
-        kmin: float = 0.0,
-        alpha: float = 0.6,
-        dropout: float = 0.1,
+        shared_encoder: bool | str = True,
+        wildcat: dict | None = None,
         sigma: float = 0.15,
         w: float = 5.0,
         scale_in_cl: float = 0.8,
-        output: str = "dict",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(spatial_dims, in_channels, num_classes, output)
+        super().__init__(**kwargs)
         if not 0 < scale_in_cl <= 1:
             raise ValueError(f"scale_in_cl must be in (0, 1], got {scale_in_cl}.")
         if not 0 <= sigma <= 1:
             raise ValueError(f"sigma must be in [0, 1], got {sigma}.")
-        self.encoder = build_encoder(encoder, spatial_dims, in_channels, pretrained, pretrained_path)
-        if not shared_encoder:
-            if isinstance(encoder, nn.Module):
-                raise ValueError("shared_encoder=False needs an encoder name: a module cannot be duplicated safely.")
-            self.classifier_encoder = build_encoder(encoder, spatial_dims, in_channels, pretrained, pretrained_path)
-        head = dict(modalities=modalities, kmax=kmax, kmin=kmin, alpha=alpha, dropout=dropout)
-        channels = self.encoder.out_channels
-        self.localizer_head = WildcatHead(spatial_dims, channels, num_classes, **head)
-        self.classifier_head = WildcatHead(spatial_dims, channels, num_classes, **head)
+        self.shared_encoder = str2bool(shared_encoder)
+        if not self.shared_encoder:
+            self.classifier_encoder = self.new_encoder()
+        head = (self.spatial_dims, self.encoder.out_channels, self.num_classes)
+        self.localizer_head = WildcatHead(*head, **(wildcat or {}))
+        self.classifier_head = WildcatHead(*head, **(wildcat or {}))
         self.register_buffer("sigma", torch.tensor(float(sigma)))
-        self.w, self.scale_in_cl, self.shared_encoder = w, scale_in_cl, shared_encoder
+        self.w, self.scale_in_cl = w, scale_in_cl
         self._smallest_scale = scale_in_cl
-
-    def _classifier_encoder(self) -> nn.Module:
-        return self.encoder if self.shared_encoder else self.classifier_encoder
 
     def localize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Localizer pass: ``(B, C, *spatial)`` -> scores ``(B, K)``, class maps ``(B, K, *low)`` and the soft mask
@@ -104,23 +82,20 @@ class MaxMinUncertaintyNet(WSLNetBase):
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Classifier pass on already-masked images: ``(N, C, *spatial) -> (N, K)`` logits."""
-        scores, _ = self.classifier_head(self._classifier_encoder()(resize_by(x, self.scale_in_cl)))
+        encoder = self.encoder if self.shared_encoder else self.classifier_encoder
+        scores, _ = self.classifier_head(encoder(resize_by(x, self.scale_in_cl)))
         return scores
 
-    def segment_and_classify(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"mask": M (B, 1, *spatial), "logits": classifier on x * M (B, K)}``: the localizer and one classifier
         pass (no background pass)."""
         self.check_input(x)
         _, _, mask = self.localize(x)
         return {"mask": mask, "logits": self.classify(x * mask)}
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
         scores, maps, mask = self.localize(x)
-        if self.output == "mask":
-            return self.mask_output(mask)
-        if self.output == "logits":
-            return self.classify(x * mask)
         # x * M and x * (1 - M) in one batch: one encoder call instead of two. Plain tensors: a MetaTensor batch
         # carries per-image meta data that a doubled batch would not match.
         xs, ms = as_plain_tensor(x), as_plain_tensor(mask)
