@@ -1,10 +1,11 @@
 r"""Reproduce the paper's comparison through the bundle: train and evaluate every method and variant on GlaS, then
 write the table (and a figure of masks) in the paper's form.
 
-Every run is the bundle's own ``train.json`` (+ ``evaluate.json``) with one override set, so runs differ only in
-the method or the loss switch. Each lives in ``<out>/<run>/seed<k>/`` (models, TensorBoard logs, evaluations);
-the table is read back from the saved ``summary.json`` / ``per_image.csv`` files, so a second call without ``--run``
-regenerates it.
+Every run is a list of the bundle's config files (``train.json``, ``recipes/glas.json``, a ``methods/*.json``
+override, ``evaluate.json``) with a few command-line overrides (the loss switches of the ablation), run by
+``scripts/bundle_runner.py``. Each lives in ``<out>/<run>/seed<k>/`` (models, TensorBoard logs, evaluations); the
+table is read back from the saved evaluations (``metrics.csv``, or the ``summary.json`` of evaluations made before
+the bundle used MONAI's ``MetricsSaver``), so a second call without ``--run`` regenerates it.
 
     # the 67 / 18 development split, reduced CPU schedule (docs/results.md, table B)
     python scripts/report.py --src ../shared/data/glas --out runs/glas --run \
@@ -21,21 +22,16 @@ regenerates it.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
-import os
 import platform
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
+from bundle_runner import job_environment, run_bundle, run_side_by_side
 
 
 @dataclass
@@ -43,51 +39,44 @@ class Run:
     group: str
     name: str
     label: str
-    train: dict = field(default_factory=dict)  # bundle overrides for training (and evaluation)
+    configs: tuple[str, ...] = ()  # override files after train.json and the GlaS recipe (methods/*.json)
+    overrides: dict = field(default_factory=dict)  # command-line overrides (the loss switches)
     same_as: str | None = None  # reuse another run's evaluations (the same training)
-    weights_of: str | None = None  # evaluate another run's trained model with these overrides
-    evaluate: dict = field(default_factory=dict)
+    evaluates: str | None = None  # evaluate this run's trained model with these configs (Grad-CAM over CAM)
 
 
+NO_ASC = {"loss_def#size_constraint": False}  # the loss switch of the ablation
+SIGMA = "maxmin_schedules#0#schedule"  # train.json's sigma schedule, a function of the epoch
 RUNS = [
-    Run("methods", "maxmin_sem", "Max-min (SEM), ours", {"method": "maxmin"}),
-    Run("methods", "maxmin_eem", "Max-min (EEM), ours", {"method": "maxmin", "loss_def#bg_term": "eem"}),
-    Run("methods", "deepmil", "Deep MIL (attention)", {"method": "deepmil"}),
-    Run("methods", "wildcat", "WILDCAT", {"method": "wildcat"}),
-    Run("methods", "gradcam", "Grad-CAM", weights_of="cam", evaluate={"method": "gradcam"}),
-    Run("methods", "gradcampp", "Grad-CAM++", weights_of="cam", evaluate={"method": "gradcampp"}),
-    Run("methods", "cam", "CAM (GAP)", {"method": "cam"}),
-    Run("methods", "cam_max", "CAM-Max", {"method": "cam_max"}),
-    Run("methods", "cam_lse", "CAM-LSE", {"method": "cam_lse"}),
-    Run("ablation", "fg", "FG", {"method": "maxmin", "loss_def#lambda_bg": 0.0, "loss_def#size_constraint": False}),
-    Run("ablation", "fg_bg_sem", "FG + BG (SEM)", {"method": "maxmin", "loss_def#size_constraint": False}),
-    Run(
-        "ablation",
-        "fg_bg_eem",
-        "FG + BG (EEM)",
-        {"method": "maxmin", "loss_def#size_constraint": False, "loss_def#bg_term": "eem"},
-    ),
+    Run("methods", "maxmin_sem", "Max-min (SEM), ours"),
+    Run("methods", "maxmin_eem", "Max-min (EEM), ours", overrides={"loss_def#bg_term": "eem"}),
+    Run("methods", "deepmil", "Deep MIL (attention)", ("methods/deepmil.json",)),
+    Run("methods", "wildcat", "WILDCAT", ("methods/wildcat.json",)),
+    Run("methods", "gradcam", "Grad-CAM", ("methods/cam.json", "methods/gradcam.json"), evaluates="cam"),
+    Run("methods", "gradcampp", "Grad-CAM++", ("methods/cam.json", "methods/gradcampp.json"), evaluates="cam"),
+    Run("methods", "cam", "CAM (GAP)", ("methods/cam.json",)),
+    Run("methods", "cam_max", "CAM-Max", ("methods/cam_max.json",)),
+    Run("methods", "cam_lse", "CAM-LSE", ("methods/cam_lse.json",)),
+    Run("ablation", "fg", "FG", overrides={"loss_def#lambda_bg": 0.0, **NO_ASC}),
+    Run("ablation", "fg_bg_sem", "FG + BG (SEM)", overrides=NO_ASC),
+    Run("ablation", "fg_bg_eem", "FG + BG (EEM)", overrides={**NO_ASC, "loss_def#bg_term": "eem"}),
     Run("ablation", "fg_bg_asc", "FG + BG (SEM) + ASC", same_as="maxmin_sem"),
     Run("lambda", "lambda_1e-7", "lambda = 1e-7 (paper)", same_as="maxmin_sem"),
-    Run("lambda", "lambda_1e-3", "lambda = 1e-3", {"method": "maxmin", "loss_def#lambda_bg": 1e-3}),
-    Run("lambda", "lambda_1e-2", "lambda = 1e-2", {"method": "maxmin", "loss_def#lambda_bg": 1e-2}),
-    Run("lambda", "lambda_1e-1", "lambda = 1e-1", {"method": "maxmin", "loss_def#lambda_bg": 1e-1}),
+    Run("lambda", "lambda_1e-3", "lambda = 1e-3", overrides={"loss_def#lambda_bg": 1e-3}),
+    Run("lambda", "lambda_1e-2", "lambda = 1e-2", overrides={"loss_def#lambda_bg": 1e-2}),
+    Run("lambda", "lambda_1e-1", "lambda = 1e-1", overrides={"loss_def#lambda_bg": 1e-1}),
     Run("sigma", "sigma_paper", "sigma 0.15 + 0.001 / epoch, max 0.2 (paper)", same_as="maxmin_sem"),
-    Run("sigma", "sigma_fixed", "sigma fixed at 0.15", {"method": "maxmin", "sigma_step": 0.0}),
-    Run(
-        "sigma",
-        "sigma_fast",
-        "sigma 0.15 + 0.005 / epoch, max 0.25",
-        {"method": "maxmin", "sigma_step": 0.005, "sigma_max": 0.25},
-    ),
-]
+    Run("sigma", "sigma_fixed", "sigma fixed at 0.15", overrides={SIGMA: "$lambda epoch: 0.15"}),
+    Run("sigma", "sigma_fast", "sigma 0.15 + 0.005 / epoch, max 0.25",
+        overrides={SIGMA: "$lambda epoch: min(0.15 + 0.005 * epoch, 0.25)"}),
+]  # fmt: skip
 GROUPS = {
-    "methods": "Methods (same data, encoder, recipe and metrics; only --method differs)",
+    "methods": "Methods (same data, encoder, recipe and metrics; only the method's config differs)",
     "ablation": "Ablation of the max-min loss (loss switches)",
     "lambda": "Background weight lambda (SEM, with ASC)",
     "sigma": "Mask threshold schedule sigma (SEM, lambda 1e-7, with ASC)",
 }
-COLUMNS = [  # summary.json key, header, scale
+COLUMNS = [  # saved metric, header, scale
     ("val_accuracy", "cl. err. (%)", "error"),
     ("val_f1_pos", "F1+ (%)", 100),
     ("val_f1_neg", "F1- (%)", 100),
@@ -98,50 +87,28 @@ COLUMNS = [  # summary.json key, header, scale
 ]
 
 
-def _by_name() -> dict[str, Run]:
-    return {r.name: r for r in RUNS}
+@dataclass(frozen=True)
+class Job:
+    run: Run
+    seed: int
+
+    def __str__(self) -> str:
+        return f"{self.run.name} seed {self.seed}"
 
 
-def _arg(value) -> str:
-    return repr(value) if isinstance(value, bool) else str(value)
+def training_order(runs: list[Run], seeds: list[int]) -> list[list[Job]]:
+    """The work of ``--run`` as chains for the side-by-side runner, in the order they start.
 
-
-def usable_cpus() -> int:
-    """The CPU cores this process may run on (its affinity set where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def job_environment(jobs: int, environ: dict | None = None) -> dict:
-    """The environment of one of ``jobs`` bundle runs that share the machine.
-
-    Each PyTorch process starts one intra-op thread per core; several trainings side by side (``--jobs 7`` on one
-    GPU) then run ``jobs`` times more threads than cores and stall each other: seven trainings on a 16-core H200
-    machine took 30 to 63 s per epoch, 2 to 3 s with two threads each (docs/results.md). Each job gets an equal
-    share of the cores instead, unless ``OMP_NUM_THREADS`` is already set."""
-    env = dict(os.environ if environ is None else environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // jobs))
-    return env
-
-
-def _bundle(config_files: list[str], overrides: dict, log: Path, env: dict | None = None) -> float:
-    """Run the bundle in a subprocess (as a user would), logging to ``log``; returns the wall time."""
-    configs = str(config_files[0]) if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
-    cmd += ["--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", _arg(value)]
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    if done.returncode:
-        raise RuntimeError(f"bundle run failed (exit {done.returncode}): see {log}")
-    return time.perf_counter() - start
+    Seed-major: every run's first seed before any run's second, so a sweep stopped part-way (a GPU lease ending)
+    leaves whole tables of the first seeds rather than many seeds of the first methods. A run that evaluates another
+    run's model (Grad-CAM over the CAM model) follows that training in its chain, as soon as the model exists (a
+    training already done is skipped there, so its evaluations start at once); one whose model's run is not in
+    ``runs`` gets a chain of its own after the trainings."""
+    trained = [r for r in runs if r.same_as is None and r.evaluates is None]
+    names = {r.name for r in trained}
+    dependents = [r for r in runs if r.evaluates]
+    order = [[Job(r, s)] + [Job(d, s) for d in dependents if d.evaluates == r.name] for s in seeds for r in trained]
+    return order + [[Job(d, s)] for s in seeds for d in dependents if d.evaluates not in names]
 
 
 def run_all(args, runs: list[Run]) -> int:
@@ -150,119 +117,79 @@ def run_all(args, runs: list[Run]) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    datalist = out / "datalist.json"
-    if not datalist.is_file():
+    if not (out / "datalist.json").is_file():
         content = create_glas_datalist(args.src, splits_dir=args.splits, seed=args.split_seed)
-        datalist.write_text(json.dumps(content, indent=1))
+        (out / "datalist.json").write_text(json.dumps(content, indent=1))
     recipe = {k: v for k, v in (("max_epochs", args.max_epochs), ("crop_size", args.crop_size),
                                 ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
-    common = {"dataset_dir": datalist, "progress_bar": False, "num_workers": args.num_workers, **recipe}
-    by_name = _by_name()
+    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, **recipe}
     env = job_environment(args.jobs)
+    by_name = {r.name: r for r in RUNS}
 
-    def one(run: Run, seed: int) -> None:
-        root = out / run.name / f"seed{seed}"
-        summary = root / f"eval_{args.eval_split}" / "summary.json"
-        if summary.is_file():
-            print(f"[skip] {run.name} seed {seed}: {summary} exists", flush=True)
+    def step(job: Job) -> None:
+        run, root = job.run, out / job.run.name / f"seed{job.seed}"
+        evaluation = root / f"eval_{args.eval_split}"
+        if (evaluation / "metrics.csv").is_file() or (evaluation / "summary.json").is_file():
+            print(f"[skip] {job}: {evaluation} exists", flush=True)
             return
         root.mkdir(parents=True, exist_ok=True)
-        if run.weights_of is None:
-            overrides = {**common, **run.train, "bundle_root": root, "seed": seed}
-            if not (root / "train_time.json").is_file():  # no time saved: the training did not finish
-                print(f"[train] {run.name} seed {seed}", flush=True)
-                seconds = _bundle([str(CONFIGS / "train.json")], overrides, root / "train.log", env)
-                (root / "train_time.json").write_text(json.dumps({"seconds": seconds, "hardware": hardware()}))
-            checkpoint = root / "models" / "model.pt"
-        else:
-            source = by_name[run.weights_of]
-            overrides = {**common, **source.train, **run.evaluate, "bundle_root": root, "seed": seed}
-            checkpoint = out / source.name / f"seed{seed}" / "models" / "model.pt"
-            if not checkpoint.is_file():
-                raise FileNotFoundError(f"{run.name} evaluates {checkpoint}: train {source.name} first")
-        print(f"[evaluate] {run.name} seed {seed} on {args.eval_split}", flush=True)
-        evaluation = {**overrides, **run.evaluate, "eval_split": args.eval_split, "checkpoint": checkpoint}
-        evaluation["output_dir"] = root / f"eval_{args.eval_split}"
-        configs = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
-        _bundle(configs, evaluation, root / f"eval_{args.eval_split}.log", env)
-        print(f"[done] {run.name} seed {seed}", flush=True)
+        trained = by_name[run.evaluates] if run.evaluates else run
+        configs = ["train.json", "recipes/glas.json", *run.configs]
+        overrides = {**common, **trained.overrides, **run.overrides, "bundle_root": root, "seed": job.seed}
+        checkpoint = out / trained.name / f"seed{job.seed}" / "models" / "model.pt"
+        if run.evaluates is None and not (root / "train_time.json").is_file():  # no time saved: not finished
+            print(f"[train] {job}", flush=True)
+            seconds = run_bundle(configs, overrides, root / "train.log", env)
+            (root / "train_time.json").write_text(json.dumps({"seconds": seconds, "hardware": hardware()}))
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{run.name} evaluates {checkpoint}: train {trained.name} first")
+        print(f"[evaluate] {job} on {args.eval_split}", flush=True)
+        overrides.update(eval_split=args.eval_split, checkpoint=checkpoint, output_dir=evaluation)
+        run_bundle([*configs, "evaluate.json"], overrides, root / f"eval_{args.eval_split}.log", env)
+        print(f"[done] {job}", flush=True)
 
-    failures = []
-
-    def chain(jobs: list[Run], seed: int) -> None:
-        """A training, then the evaluations of its model by other methods (Grad-CAM over CAM), in one slot."""
-        for run in jobs:
-            try:
-                one(run, seed)
-            except (RuntimeError, FileNotFoundError) as error:  # the others go on; reported at the end
-                print(f"[failed] {run.name} seed {seed}: {error}", flush=True)
-                failures.append(error)
-                if run.weights_of is None:  # its dependents have no model to evaluate
-                    for skipped in jobs[1:]:
-                        print(f"[skipped] {skipped.name} seed {seed}: {run.name} has no model", flush=True)
-                    return
-
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for future in [pool.submit(chain, jobs, seed) for jobs, seed in training_order(runs, args.seeds)]:
-            future.result()
-    return len(failures)
-
-
-def training_order(runs: list[Run], seeds: list[int]) -> list[tuple[list[Run], int]]:
-    """The work of ``--run`` as slots for the ``--jobs`` pool, in the order they start.
-
-    Seed-major: every run's first seed before any run's second, so a sweep stopped part-way (a GPU lease ending)
-    leaves whole tables of the first seeds rather than many seeds of the first methods. A run that evaluates another
-    run's model (Grad-CAM over the CAM model) follows that training in its slot, as soon as the model exists (a
-    training already done is skipped there, so its evaluations start at once); one whose model's run is not in
-    ``runs`` gets a slot of its own after the trainings."""
-    trained = [r for r in runs if r.same_as is None and r.weights_of is None]
-    names = {r.name for r in trained}
-    dependents = [r for r in runs if r.weights_of]
-    order = []
-    for seed in seeds:
-        for run in trained:
-            order.append(([run] + [d for d in dependents if d.weights_of == run.name], seed))
-    for seed in seeds:
-        order += [([d], seed) for d in dependents if d.weights_of not in names]
-    return order
-
-
-def _results_dir(out: Path, run: Run) -> Path:
-    return out / (run.same_as or run.name)
+    return len(run_side_by_side(training_order(runs, args.seeds), args.jobs, step))
 
 
 def _seed_dirs(out: Path, run: Run) -> list[tuple[int, Path]]:
     """The run's ``seed<k>`` folders as (k, folder), in seed order (seed2 before seed10)."""
-    found = [(d.name[4:], d) for d in _results_dir(out, run).glob("seed*") if d.name[4:].isdigit()]
+    found = [(d.name[4:], d) for d in (out / (run.same_as or run.name)).glob("seed*") if d.name[4:].isdigit()]
     return sorted((int(k), d) for k, d in found)
 
 
+def read_metrics(evaluation: Path) -> dict[str, float] | None:
+    """The metrics saved by an evaluation: ``metrics.csv`` (MONAI's ``MetricsSaver``) or the ``summary.json`` of the
+    evaluations made before the bundle used it; None when there is neither."""
+    if (evaluation / "metrics.csv").is_file():
+        with open(evaluation / "metrics.csv", newline="") as f:
+            return {name: float(value) for name, value in csv.reader(f)}
+    if (evaluation / "summary.json").is_file():
+        return json.loads((evaluation / "summary.json").read_text())
+    return None
+
+
 def collect(out: Path, eval_split: str, runs: list[Run]) -> dict[str, dict]:
-    """Per run: the list of summaries (one per seed found), the training times and the machines they ran on."""
+    """Per run: the list of saved metrics (one per seed found), the training times and the machines they ran on."""
     found = {}
     for run in runs:
         summaries, times, machines = [], [], set()
         for _, seed_dir in _seed_dirs(out, run):
-            summary = seed_dir / f"eval_{eval_split}" / "summary.json"
-            if summary.is_file():
-                summaries.append(json.loads(summary.read_text()))
-                timing = seed_dir / "train_time.json"
-                if timing.is_file():
-                    record = json.loads(timing.read_text())
-                    times.append(record["seconds"])
-                    if record.get("hardware"):
-                        machines.add(record["hardware"])
+            metrics = read_metrics(seed_dir / f"eval_{eval_split}")
+            if metrics is None:
+                continue
+            summaries.append(metrics)
+            if (seed_dir / "train_time.json").is_file():
+                record = json.loads((seed_dir / "train_time.json").read_text())
+                times.append(record["seconds"])
+                if record.get("hardware"):
+                    machines.add(record["hardware"])
         if summaries:
             found[run.name] = {"summaries": summaries, "times": times, "seeds": len(summaries), "machines": machines}
     return found
 
 
 def _cell(values: list[float], scale) -> str:
-    if scale == "error":
-        values = [100 * (1 - v) for v in values]
-    else:
-        values = [scale * v for v in values]
+    values = [100 * (1 - v) if scale == "error" else scale * v for v in values]
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "-"
@@ -270,9 +197,12 @@ def _cell(values: list[float], scale) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} +- {float(np.std(values, ddof=1)):.2f}"
 
 
-def _data_missing(items: list[dict], keys: tuple[str, ...], what: str) -> bool:
-    """The table itself comes from the saved evaluations; the reference rows and the figure also read the images and
-    masks named in ``<out>/datalist.json``. When those moved, say which file and skip them instead of failing."""
+def _datalist_items(out: Path, eval_split: str, keys: tuple[str, ...], what: str) -> list[dict]:
+    """The ``eval_split`` items of ``<out>/datalist.json``. The table itself comes from the saved evaluations; the
+    reference rows and the figure also read the images and masks. When those moved, say which file and return none
+    (they are skipped) instead of failing."""
+    datalist = out / "datalist.json"
+    items = json.loads(datalist.read_text()).get(eval_split) or [] if datalist.is_file() else []
     for item in items:
         for key in keys:
             if not Path(item[key]).is_file():
@@ -281,31 +211,38 @@ def _data_missing(items: list[dict], keys: tuple[str, ...], what: str) -> bool:
                     "data back at that path, or edit the paths in datalist.json, to get them.",
                     file=sys.stderr,
                 )
-                return True
-    return False
+                return []
+    return items
+
+
+def _read_mask(path: str | Path) -> np.ndarray:
+    """``(H, W)`` bool: any value > 0 (0 / 255, instance ids or an RGB-saved mask)."""
+    from PIL import Image
+
+    mask = np.array(Image.open(path)) > 0
+    return mask.any(-1) if mask.ndim == 3 else mask
 
 
 def trivial_rows(out: Path, eval_split: str) -> list[str]:
-    """The all-foreground and all-background masks on the same images, scored by the same metric code as the
-    methods: each scores well on one of F1+ / F1- and zero on the other, which is why both, and PxAP, are reported
-    (a constant map's PxAP is the foreground share)."""
-    datalist = out / "datalist.json"
-    items = json.loads(datalist.read_text()).get(eval_split) or [] if datalist.is_file() else []
-    if not items or _data_missing(items, ("mask",), "the all-ones / all-zeros reference rows"):
+    """The all-foreground and all-background masks on the same images, scored by the same MONAI metric functions as
+    the bundle: each scores well on one of F1+ / F1- and zero on the other, which is why both, and PxAP, are
+    reported (a constant map's PxAP is the foreground share)."""
+    items = _datalist_items(out, eval_split, ("mask",), "the all-ones / all-zeros reference rows")
+    if not items:
         return []
     import torch
-    from PIL import Image
+    from monai.metrics import compute_confusion_matrix_metric, compute_dice, compute_iou, get_confusion_matrix
 
-    from monai_wsl.metrics import compute_pixel_f1, compute_pixel_fpr, compute_pixel_iou, compute_pxap
+    from monai_wsl.metrics import compute_pxap
 
     rows = {"ones": [], "zeros": []}
     truths = []
     for item in items:
-        g = np.array(Image.open(item["mask"])) > 0
-        g = torch.from_numpy(g.any(-1) if g.ndim == 3 else g)[None, None].float()
+        g = torch.from_numpy(_read_mask(item["mask"]))[None, None].float()
         truths.append(g.flatten())
         for name, p in (("ones", torch.ones_like(g)), ("zeros", torch.zeros_like(g))):
-            scores = [compute_pixel_f1(p, g), compute_pixel_iou(p, g), compute_pixel_fpr(p, g)]
+            scores = [compute_dice(p, g), compute_dice(1 - p, 1 - g), compute_iou(p, g), compute_iou(1 - p, 1 - g)]
+            scores.append(compute_confusion_matrix_metric("fall out", get_confusion_matrix(p, g)))
             rows[name].append(torch.cat(scores, 1)[0])  # F1+, F1-, IoU+, IoU-, FPR
     truth = torch.cat(truths)[None, None, :, None]
     pxap = float(compute_pxap(torch.full_like(truth, 0.5), truth))
@@ -341,37 +278,37 @@ def table(out: Path, eval_split: str, runs: list[Run]) -> str:
 
 
 def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: Path) -> Path | None:
-    """image | ground truth | each method's mask, for the first ``num_images`` evaluated images.
+    """image | ground truth | each method's mask (teal, as in the bundle's overlays), for the first ``num_images``
+    evaluated images.
 
     Each method shows its lowest evaluated seed (named in the column title unless it is seed 0), so a sweep that ran
-    only later seeds still gets its columns."""
+    only later seeds still gets its columns. Every panel is scaled to one cell, so the columns stay under their
+    titles whatever the images' aspect ratios."""
+    import torch
     from PIL import Image, ImageDraw
 
-    members = [r for r in runs if r.group == "methods"]
+    from monai_wsl.visualize import COLORS, tint, to_uint8
+
     columns = []
-    for run in members:
+    for run in (r for r in runs if r.group == "methods"):
         for seed, folder in _seed_dirs(out, run):
             masks = sorted((folder / f"eval_{eval_split}" / "masks").glob("*_mask.png"))
             if masks:  # the lowest seed with an evaluation
                 label = run.label.replace(", ours", "") + (f" (seed {seed})" if seed else "")
                 columns.append((label, {m.name[: -len("_mask.png")]: m for m in masks}))
                 break
-    datalist = out / "datalist.json"
-    if not columns or not datalist.is_file():
+    if not columns:
         return None
-    items = [i for i in json.loads(datalist.read_text()).get(eval_split, []) if Path(i["image"]).stem in columns[0][1]]
-    items = items[:num_images]
-    if _data_missing(items, ("image", "mask"), "the figure"):
+    items = _datalist_items(out, eval_split, ("image", "mask"), "the figure")
+    items = [i for i in items if Path(i["image"]).stem in columns[0][1]][:num_images]
+    if not items:
         return None
     tile, gap = 180, 4
-    teal = np.array([0, 190, 215], dtype=np.float32)
-    images = [Image.open(item["image"]) for item in items]
-    # One cell size for the whole grid, so that every column sits under its title whatever the images' aspect ratios:
-    # each panel is scaled to the cell's height; the cell is as wide as the widest result, narrower panels are centred.
+    images = [Image.open(item["image"]).convert("RGB") for item in items]
     cell = max(tile * im.width // im.height for im in images)
 
-    def thumb(array: np.ndarray) -> np.ndarray:
-        image = Image.fromarray(array.astype(np.uint8))
+    def thumb(rgb: torch.Tensor) -> np.ndarray:
+        image = Image.fromarray(to_uint8(rgb))
         image = image.resize((tile * image.width // image.height, tile), Image.BILINEAR)
         out = np.full((tile, cell, 3), 255, dtype=np.uint8)
         left = (cell - image.width) // 2
@@ -380,20 +317,15 @@ def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: P
 
     rows = []
     for item, image in zip(items, images):
-        rgb = np.array(image.convert("RGB")).astype(np.float32)
-        gt = np.array(Image.open(item["mask"])) > 0
-        gt = gt.any(-1) if gt.ndim == 3 else gt
-        panels = [rgb, np.where(gt[..., None], 0.55 * rgb + 0.45 * teal, rgb)]
-        for _, masks in columns:
-            m = np.array(Image.open(masks[Path(item["image"]).stem])) > 0
-            panels.append(np.where(m[..., None], 0.55 * rgb + 0.45 * teal, rgb))
+        rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+        masks = [_read_mask(item["mask"])] + [_read_mask(m[Path(item["image"]).stem]) for _, m in columns]
+        panels = [rgb] + [tint(rgb, torch.from_numpy(m), COLORS["pred"]) for m in masks]
         spacer = np.full((tile, gap, 3), 255, dtype=np.uint8)
         rows.append(np.concatenate([x for p in panels for x in (thumb(p), spacer)][:-1], 1))
     width = rows[0].shape[1]
-    titles = ["image", "ground truth"] + [label for label, _ in columns]
     header = Image.new("RGB", (width, 22), "white")
     draw = ImageDraw.Draw(header)
-    for k, title in enumerate(titles):
+    for k, title in enumerate(["image", "ground truth"] + [label for label, _ in columns]):
         draw.text((k * (cell + gap) + 4, 5), title, fill="black")
     body = [np.array(header)] + [x for r in rows for x in (r, np.full((gap, width, 3), 255, dtype=np.uint8))]
     Image.fromarray(np.concatenate(body, 0)).save(path)
@@ -401,18 +333,14 @@ def figure(out: Path, eval_split: str, runs: list[Run], num_images: int, path: P
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import os
 
     import torch
 
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
@@ -449,18 +377,16 @@ def main() -> None:
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give the number of trainings to run at once, 1 or more")
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    unknown = set(groups) - set(GROUPS)
-    if unknown:
-        parser.error(f"unknown groups {sorted(unknown)}; choose from {list(GROUPS)}")
+    if set(groups) - set(GROUPS):
+        parser.error(f"unknown groups {sorted(set(groups) - set(GROUPS))}; choose from {list(GROUPS)}")
     runs = [r for r in RUNS if r.group in groups]
     if args.runs:
         names = {n.strip() for n in args.runs.split(",") if n.strip()}
-        unknown = names - {r.name for r in RUNS}
-        if unknown:
-            parser.error(f"unknown runs {sorted(unknown)}; choose from {[r.name for r in RUNS]}")
+        if names - {r.name for r in RUNS}:
+            parser.error(f"unknown runs {sorted(names - {r.name for r in RUNS})}; choose from {[r.name for r in RUNS]}")
         runs = [r for r in runs if r.name in names]
     selected = list(runs)  # what the table shows; below, the runs they reuse or evaluate are added
-    needed = {r.same_as for r in runs if r.same_as} | {r.weights_of for r in runs if r.weights_of}
+    needed = {r.same_as for r in runs if r.same_as} | {r.evaluates for r in runs if r.evaluates}
     runs += [r for r in RUNS if r.name in needed and r not in runs]
     out = Path(args.out)
     failed = 0

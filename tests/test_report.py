@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_report():
+    """scripts/report.py as a module (it imports its sibling scripts/bundle_runner.py, as when run as a script)."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location("report", REPO / "scripts" / "report.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["report"] = module  # dataclasses look their module up while the file executes
@@ -30,7 +33,8 @@ def summary(accuracy, f1_pos, f1_neg, pxap):
 
 @pytest.fixture
 def saved(tmp_path):
-    """Two validation images with masks, and saved evaluations: max-min with 2 seeds, CAM with 1."""
+    """Two validation images with masks, and saved evaluations: max-min with 2 seeds (summary.json, as evaluations
+    made before MONAI's MetricsSaver), CAM with 1 (metrics.csv, as MetricsSaver writes it)."""
     items = []
     for i, fg in enumerate((0.25, 0.5)):
         image, mask = tmp_path / f"img{i}.png", tmp_path / f"img{i}_anno.png"
@@ -45,7 +49,11 @@ def saved(tmp_path):
     for (name, seed), content in runs.items():
         folder = tmp_path / name / f"seed{seed}" / "eval_validation"
         (folder / "masks").mkdir(parents=True)
-        (folder / "summary.json").write_text(json.dumps(content))
+        if name == "cam":
+            lines = [f"{k},{v}" for k, v in content.items() if k != "images"]
+            (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+        else:
+            (folder / "summary.json").write_text(json.dumps(content))
         for i in range(2):
             Image.fromarray(np.full((8, 10), 255 * (name == "cam"), dtype=np.uint8)).save(
                 folder / "masks" / f"img{i}_mask.png"
@@ -134,6 +142,7 @@ def test_table_still_regenerates_when_the_data_moved(saved, capsys):
     assert "img1_anno.png" in err and "datalist.json" in err
 
 
+@pytest.mark.slow
 def test_paper_protocol_end_to_end_on_a_full_release(tmp_path):
     """prepare, train, select, test: one command on a GlaS-like release folder with testA / testB."""
     import subprocess
@@ -161,11 +170,11 @@ def test_paper_protocol_end_to_end_on_a_full_release(tmp_path):
     assert "| Max-min (SEM), ours |" in done.stdout and "| All-ones mask (reference) |" in done.stdout
     # two trainings side by side (max-min and the CAM model), then Grad-CAM over the trained CAM model
     assert "| Grad-CAM |" in done.stdout and "| CAM (GAP) |" not in done.stdout  # cam trained, not asked for
-    gradcam = json.loads((out / "gradcam" / "seed0" / "eval_test" / "summary.json").read_text())
-    assert gradcam["images"] == 4
+    gradcam = out / "gradcam" / "seed0" / "eval_test"
+    assert len((gradcam / "predictions.csv").read_text().splitlines()) == 4 and (gradcam / "metrics.csv").is_file()
     assert "Trained on: " in (out / "table_test.md").read_text()
-    test_summary = json.loads((out / "maxmin_sem" / "seed0" / "eval_test" / "summary.json").read_text())
-    assert test_summary["images"] == 4  # testA + testB
+    maxmin = (out / "maxmin_sem" / "seed0" / "eval_test" / "predictions.csv").read_text().splitlines()
+    assert sorted(Path(line.split(",")[0]).stem for line in maxmin) == ["testA_1", "testA_2", "testB_1", "testB_2"]
     datalist = json.loads((out / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) == 8
     assert (out / "maxmin_sem" / "seed0" / "models" / "model.pt").is_file()  # selected on validation
@@ -188,22 +197,26 @@ def test_help_shows_each_documented_command_as_written():
 def test_jobs_side_by_side_share_the_cores(monkeypatch, tmp_path):
     """``--jobs N``: each bundle run gets cores // N CPU threads (not all of them), unless the user chose a number."""
     report = load_report()
-    monkeypatch.setattr(report, "usable_cpus", lambda: 16)
-    assert report.job_environment(7, {})["OMP_NUM_THREADS"] == "2"
-    assert report.job_environment(32, {})["OMP_NUM_THREADS"] == "1"
-    assert "OMP_NUM_THREADS" not in report.job_environment(1, {})  # one run alone keeps PyTorch's default
-    assert report.job_environment(7, {"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
+    runner = report.sys.modules["bundle_runner"]
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 16)
+    assert runner.job_environment(7, {})["OMP_NUM_THREADS"] == "2"
+    assert runner.job_environment(32, {})["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in runner.job_environment(1, {})  # one run alone keeps PyTorch's default
+    assert runner.job_environment(7, {"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
 
     seen = {}
 
     def fake_run(cmd, env=None, **kwargs):
-        seen["env"] = env
+        seen.update(env=env, cmd=cmd)
         return type("Done", (), {"returncode": 0})()
 
-    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    report._bundle(["train.json"], {}, tmp_path / "log", report.job_environment(8))
-    assert seen["env"]["OMP_NUM_THREADS"] == "2" and seen["env"]["PATH"] == report.os.environ["PATH"]
+    runner.run_bundle(["train.json", "methods/cam.json"], {"seed": 1}, tmp_path / "log", runner.job_environment(8))
+    assert seen["env"]["OMP_NUM_THREADS"] == "2" and seen["env"]["PATH"] == runner.os.environ["PATH"]
+    configs = seen["cmd"][seen["cmd"].index("--config_file") + 1]
+    assert configs == f"['{runner.CONFIGS / 'train.json'}','{runner.CONFIGS / 'methods' / 'cam.json'}']"
+    assert seen["cmd"][-2:] == ["--seed", "1"]
 
 
 def test_jobs_below_one_is_refused(tmp_path):
@@ -212,19 +225,26 @@ def test_jobs_below_one_is_refused(tmp_path):
     assert done.returncode == 2 and "--jobs 0" in done.stderr and "1 or more" in done.stderr
 
 
-def test_training_order_is_seed_major_with_each_dependent_after_its_model():
-    """A sweep stopped part-way keeps whole tables of its first seeds; Grad-CAM runs in the CAM training's slot."""
+def test_every_run_names_existing_config_files():
     report = load_report()
-    by_name = report._by_name()
+    for run in report.RUNS:
+        for config in run.configs:
+            assert (REPO / "bundle" / "configs" / config).is_file(), (run.name, config)
+
+
+def test_training_order_is_seed_major_with_each_dependent_after_its_model():
+    """A sweep stopped part-way keeps whole tables of its first seeds; Grad-CAM runs in the CAM training's chain."""
+    report = load_report()
+    by_name = {r.name: r for r in report.RUNS}
     runs = [by_name[n] for n in ("maxmin_sem", "gradcam", "gradcampp", "wildcat", "cam")]
-    order = [([r.name for r in jobs], seed) for jobs, seed in report.training_order(runs, [0, 1])]
+    order = [[str(job) for job in chain] for chain in report.training_order(runs, [0, 1])]
     assert order == [
-        (["maxmin_sem"], 0), (["wildcat"], 0), (["cam", "gradcam", "gradcampp"], 0),
-        (["maxmin_sem"], 1), (["wildcat"], 1), (["cam", "gradcam", "gradcampp"], 1),
+        ["maxmin_sem seed 0"], ["wildcat seed 0"], ["cam seed 0", "gradcam seed 0", "gradcampp seed 0"],
+        ["maxmin_sem seed 1"], ["wildcat seed 1"], ["cam seed 1", "gradcam seed 1", "gradcampp seed 1"],
     ]  # fmt: skip
-    # Grad-CAM alone (its CAM model trained earlier): one slot per seed, nothing trained
+    # Grad-CAM alone (its CAM model trained earlier): one chain per seed, nothing trained
     order = report.training_order([by_name["gradcam"]], [0, 2])
-    assert [([r.name for r in jobs], seed) for jobs, seed in order] == [(["gradcam"], 0), (["gradcam"], 2)]
+    assert [[str(job) for job in chain] for chain in order] == [["gradcam seed 0"], ["gradcam seed 2"]]
 
 
 def test_a_failed_training_skips_the_evaluations_of_its_model(monkeypatch, tmp_path, capsys):
@@ -232,18 +252,20 @@ def test_a_failed_training_skips_the_evaluations_of_its_model(monkeypatch, tmp_p
     calls = []
 
     def fake_bundle(configs, overrides, log, env=None):
-        calls.append((Path(overrides["bundle_root"]).parent.name, len(configs)))
-        if overrides.get("method") == "cam" and len(configs) == 1:
+        calls.append((Path(overrides["bundle_root"]).parent.name, tuple(configs)))
+        if "methods/cam.json" in configs and "evaluate.json" not in configs:
             raise RuntimeError("bundle run failed (exit 1)")
-        Path(overrides.get("output_dir", tmp_path)).mkdir(parents=True, exist_ok=True)
+        Path(overrides["bundle_root"], "models").mkdir(parents=True, exist_ok=True)
+        Path(overrides["bundle_root"], "models", "model.pt").touch()
         return 1.0
 
-    monkeypatch.setattr(report, "_bundle", fake_bundle)
+    monkeypatch.setattr(report, "run_bundle", fake_bundle)
     monkeypatch.setattr(report, "hardware", lambda: "test")
     monkeypatch.setattr("monai_wsl.data.create_glas_datalist", lambda *a, **k: {"training": [], "validation": []})
     args = report.build_parser().parse_args(["--out", str(tmp_path), "--src", "x", "--run", "--jobs", "2"])
-    by_name = report._by_name()
+    by_name = {r.name: r for r in report.RUNS}
     failed = report.run_all(args, [by_name["maxmin_sem"], by_name["gradcam"], by_name["cam"]])
     assert failed == 1
-    assert ("gradcam", 2) not in calls and ("maxmin_sem", 2) in calls  # max-min evaluated, Grad-CAM not tried
-    assert "[skipped] gradcam seed 0: cam has no model" in capsys.readouterr().out
+    assert not any(name == "gradcam" for name, _ in calls)  # Grad-CAM not tried without its model
+    assert ("maxmin_sem", ("train.json", "recipes/glas.json", "evaluate.json")) in calls  # max-min evaluated
+    assert "[skipped] gradcam seed 0: cam seed 0 failed" in capsys.readouterr().out
