@@ -24,10 +24,8 @@ def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str
     """``[{"image": path}, ...]`` for every image file in ``folder`` (sorted; GlaS ``*_anno`` masks left out), for
     inference. Raises ``ValueError`` when there is none."""
     root = Path(folder)
-    if root.is_file():
-        return [{"image": str(root)}]
     if not root.is_dir():
-        raise ValueError(f"{root} is not a folder of images (or an image file).")
+        raise ValueError(f"{root} is not a folder: inference reads a folder of images (--dataset_dir FOLDER).")
     found = [
         p
         for p in sorted(root.iterdir())
