@@ -91,7 +91,7 @@ def test_maxmin_output_shapes(spatial_dims, size):
     torch.testing.assert_close(pred.sum(1), torch.ones(2, *size))
 
 
-def test_predict_is_the_forward_without_the_background_pass():
+def test_predict_and_segment_run_only_the_passes_they_need():
     torch.manual_seed(0)
     net = MaxMinUncertaintyNet(encoder="resnet18").eval()
     x = torch.rand(2, 3, 64, 64)
@@ -100,6 +100,12 @@ def test_predict_is_the_forward_without_the_background_pass():
     assert set(pred) == {"mask", "logits"}
     torch.testing.assert_close(pred["mask"], out["mask"])
     torch.testing.assert_close(pred["logits"], out["logits"])
+    classifier_calls = []
+    net.classifier_head.register_forward_hook(lambda *args: classifier_calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net.segment(x), out["mask"])  # the exported mask: the localizer pass only
+        torch.testing.assert_close(MaskOutput(net)(x)[:, 1:], out["mask"])
+    assert not classifier_calls
 
 
 def test_mask_output_has_the_networks_state_dict_and_mask():

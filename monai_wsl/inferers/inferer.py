@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import Inferer
 
+from monai_wsl.networks.nets.base import MaskOutput
 from monai_wsl.networks.utils import normalized_map, unwrap
 
 __all__ = ["WSLInferer", "GradCAMInferer", "CAM_METHODS"]
@@ -60,7 +61,8 @@ class GradCAMInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         net = unwrap(network)
-        net = getattr(net, "network", net)  # the MaskOutput view of inference.json
+        if isinstance(net, MaskOutput):  # inference.json's view of the network
+            net = net.network
         if not (hasattr(net, "encoder") and hasattr(net, "head")):
             raise ValueError(f"GradCAMInferer needs a CAMClassifier (encoder + head), got {type(net).__name__}.")
         net.check_input(inputs)

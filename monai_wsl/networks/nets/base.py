@@ -19,7 +19,8 @@ class WSLNet(nn.Module):
 
     A subclass builds its heads and implements ``forward``, which always returns a dict with at least ``logits``
     ``(B, K)`` and ``mask`` ``(B, 1, *spatial)`` in [0, 1] at the input's size (the map that is scored and segmented
-    at 0.5). :meth:`predict` gives those two for inference; a subclass may make it cheaper.
+    at 0.5). :meth:`predict` gives those two for inference and :meth:`segment` the map alone; a subclass may make them
+    cheaper.
 
     Args:
         spatial_dims: 2 or 3.
@@ -97,6 +98,10 @@ class WSLNet(nn.Module):
         out = self(x)
         return {"mask": out["mask"], "logits": out["logits"]}
 
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """The map alone, ``(B, 1, *spatial)`` in [0, 1]: what an exported segmentation model computes."""
+        return self.predict(x)["mask"]
+
 
 class MaskOutput(nn.Module):
     """A :class:`WSLNet` seen as a segmentation network: ``(B, C, *spatial) -> (B, 2, *spatial)`` ``[1 - M, M]``
@@ -115,7 +120,7 @@ class MaskOutput(nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.network.predict(x)["mask"]
+        mask = self.network.segment(x)
         return torch.cat([1 - mask, mask], dim=1)
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -93,6 +93,11 @@ class MaxMinUncertaintyNet(WSLNet):
         _, _, mask = self.localize(x)
         return {"mask": mask, "logits": self.classify(x * mask)}
 
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """The soft mask ``M`` ``(B, 1, *spatial)``: the localizer pass only."""
+        self.check_input(x)
+        return self.localize(x)[2]
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
         scores, maps, mask = self.localize(x)
