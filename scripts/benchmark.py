@@ -1,10 +1,20 @@
-"""Training-step throughput: the max-min model against a plain image classifier with the same encoder.
+"""Speed of the bundle, end to end or one training step.
 
-Both take the same batch, size, device and AMP setting; one step = forward, loss, backward and SGD update. The
-max-min step does about 1 + 2 x scale_in_cl^2 = 2.28 encoder passes (the localizer on x, the classifier on x * M
-and x * (1 - M) in one batched pass), so its time ratio to the plain classifier should stay near that.
+``--recipe glas`` runs the bundle itself (``train.json`` + ``recipes/glas.json`` on GlaS, the same configs and data
+as a user's training) for ``--epochs`` epochs under Ignite's ``HandlersTimeProfiler`` and prints, per epoch, where
+the time went: waiting for data, the training steps, validation (its data, forward passes, metrics and other
+handlers) and the trainer's other handlers (TensorBoard, schedules, checkpoints, ...). It then times the pure
+compute of the same work in the same process (the same training steps on batches already in memory, the same
+validation forward passes) and extrapolates the recipe's 80 epochs.
 
-    python scripts/benchmark.py                           # CPU, EfficientNet-lite0, 4 x 3 x 224 x 224
+Without ``--recipe``: one training step of the max-min model against a plain classifier with the same encoder on the
+same batch (the max-min step does about 1 + 2 x 0.8^2 = 2.28 encoder passes).
+
+    OMP_NUM_THREADS=2 python scripts/benchmark.py --recipe glas --epochs 5     # 2 CPU cores
+    python scripts/benchmark.py --recipe glas --override 'network=$@network_def.to(@device, memory_format=X)'
+    python scripts/benchmark.py                                    # CPU, EfficientNet-lite0, 4 x 3 x 224 x 224
+
+(``--override`` takes any bundle setting as ``id=value``; X above stands for ``torch.channels_last``.)
     python scripts/benchmark.py --device cuda --amp --size 416 --steps 50
 """
 
@@ -12,17 +22,200 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from monai_wsl.losses import MaxMinUncertaintyLoss, WSLCrossEntropyLoss
-from monai_wsl.networks import CAMClassifier, MaxMinUncertaintyNet
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+class EpochSplit:
+    """Per-epoch sums of Ignite's ``HandlersTimeProfiler`` on the trainer and on the validation evaluator."""
+
+    def __init__(self, trainer, evaluator) -> None:
+        from ignite.engine import Events
+        from ignite.handlers.time_profilers import HandlersTimeProfiler
+
+        self.trainer_profiler, self.evaluator_profiler = HandlersTimeProfiler(), HandlersTimeProfiler()
+        self.trainer_profiler.attach(trainer)
+        self.evaluator_profiler.attach(evaluator)
+        self.validations: list[dict[str, float]] = []
+        self.epochs: list[dict[str, float]] = []
+        evaluator.add_event_handler(Events.COMPLETED, self._validation_done)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_done)
+        self._seen = {"data": 0, "step": 0}
+        self._epoch_start = time.perf_counter()
+        self.evaluator = evaluator
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _epoch_started(self, engine) -> None:
+        """The profiler re-adds its timers at every run of an engine; the evaluator runs once per epoch, so its timers
+        from the last run come off before the next (else every time is counted once more per epoch)."""
+        from ignite.engine import Events
+
+        p = self.evaluator_profiler
+        for handler, event in (
+            (p._processing_timer.reset, Events.ITERATION_STARTED),
+            (p._timeit_processing, Events.ITERATION_COMPLETED),
+            (p._dataflow_timer.reset, Events.GET_BATCH_STARTED),
+            (p._timeit_dataflow, Events.GET_BATCH_COMPLETED),
+            (p._detach_profiler_handlers, Events.COMPLETED),
+        ):
+            if self.evaluator.has_event_handler(handler, event):
+                self.evaluator.remove_event_handler(handler, event)
+        self._epoch_start = time.perf_counter()
+
+    @staticmethod
+    def _handler_totals(profiler) -> dict[str, float]:
+        totals: dict[str, float] = defaultdict(float)
+        for handlers in profiler.event_handlers_times.values():
+            for name, times in handlers.items():
+                totals[name] += float(sum(times))
+        return totals
+
+    def _validation_done(self, engine) -> None:
+        p = self.evaluator_profiler
+        handlers = self._handler_totals(p)
+        metrics = sum(t for name, t in handlers.items() if "Metric" in name or "metric" in name)
+        self.validations.append(
+            {
+                "val_data": float(sum(p.dataflow_times)),
+                "val_forward": float(sum(p.processing_times)),  # inferer + postprocessing
+                "val_metrics": metrics,
+                "val_handlers": sum(handlers.values()) - metrics,
+            }
+        )
+
+    def _epoch_done(self, engine) -> None:
+        p = self.trainer_profiler
+        data, steps = p.dataflow_times[self._seen["data"] :], p.processing_times[self._seen["step"] :]
+        self._seen = {"data": len(p.dataflow_times), "step": len(p.processing_times)}
+        self.epochs.append({"data": float(sum(data)), "steps": float(sum(steps)), "_start": self._epoch_start})
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per epoch; the epoch's wall time is measured from its start to the end of all its handlers."""
+        totals = [v["_start"] for v in self.epochs[1:]] + [self._end]
+        out = []
+        for epoch, validation, end in zip(self.epochs, self.validations, totals):
+            total = end - epoch["_start"]
+            validation_total = sum(validation.values())
+            row = {"total": total, "data": epoch["data"], "steps": epoch["steps"], **validation}
+            row["other_handlers"] = total - epoch["data"] - epoch["steps"] - validation_total
+            out.append(row)
+        return out
+
+    def finish(self) -> None:
+        self._end = time.perf_counter()
+
+
+def pure_compute(wf) -> dict[str, float]:
+    """Seconds of the same work without the bundle around it: one epoch of training steps (forward, loss, backward,
+    optimiser step) on batches already in memory, and the validation forward passes on images already in memory."""
+    trainer, evaluator = wf.trainer, wf.parser.get_parsed_content("validate#evaluator")
+    network, loss_fn, optimizer, inferer = trainer.network, trainer.loss_function, trainer.optimizer, evaluator.inferer
+    device = wf.parser.get_parsed_content("device")
+    train_batches = [(b["image"].to(device), b["label"].to(device)) for b in trainer.data_loader]
+    val_images = [b["image"].to(device) for b in evaluator.data_loader]
+    amp = bool(trainer.amp)
+    network.train()
+    start = time.perf_counter()
+    for x, y in train_batches:
+        with torch.autocast(device.type, enabled=amp):
+            loss = loss_fn(network(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    steps = time.perf_counter() - start
+    network.eval()
+    start = time.perf_counter()
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+        for x in val_images:
+            inferer(x, network)
+    _sync(device)
+    return {"steps": steps, "validation": time.perf_counter() - start}
+
+
+def run_recipe(recipe: str, epochs: int, out: Path, overrides: dict | None = None, src: str | None = None) -> dict:
+    """Run the bundle for ``epochs`` epochs of ``recipe`` (``"quick_start"``: ``train.json`` as is, on the embedded
+    synthetic set; ``"glas"``: with ``recipes/glas.json`` on the GlaS folder ``src``) in ``out``, then its pure compute;
+    returns the per-epoch split, their mean, the pure compute and the extrapolated recipe time."""
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    from monai_wsl.data import create_glas_datalist
+
+    configs = [str(CONFIGS / "train.json")] + (
+        [str(CONFIGS / "recipes" / f"{recipe}.json")] * (recipe != "quick_start")
+    )
+    recipe_epochs = ConfigParser.load_config_files(configs)["max_epochs"]
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"bundle_root": str(out / "bundle"), "max_epochs": epochs, "progress_bar": False}
+    if recipe == "glas":
+        (out / "datalist.json").write_text(json.dumps(create_glas_datalist(src)))
+        settings["dataset_dir"] = str(out)
+    wf = ConfigWorkflow(
+        config_file=configs,
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type="train",
+        **{**settings, **(overrides or {})},
+    )
+    wf.initialize()
+    split = EpochSplit(wf.trainer, wf.parser.get_parsed_content("validate#evaluator"))
+    start = time.perf_counter()
+    wf.run()
+    split.finish()
+    wall = time.perf_counter() - start
+    rows = split.rows()
+    compute = pure_compute(wf)
+    wf.finalize()
+    steady = rows[1:] if len(rows) > 1 else rows  # the first epoch also builds the caches
+    mean = {k: sum(r[k] for r in steady) / len(steady) for k in rows[0]}
+    return {
+        "device": _device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "recipe": recipe,
+        "epochs": rows,
+        "mean_epoch": mean,
+        "pure_compute": compute,
+        "epoch_over_compute": mean["total"] / (compute["steps"] + compute["validation"]),
+        "run_seconds": wall,
+        "recipe_epochs": recipe_epochs,
+        # start-up and epoch 1 as measured, the other epochs at the mean of the later ones
+        "recipe_minutes": (wall - sum(r["total"] for r in steady) + mean["total"] * (recipe_epochs - 1)) / 60,
+    }
+
+
+def print_recipe(r: dict, epochs: int) -> None:
+    columns = ["total", "data", "steps", "val_data", "val_forward", "val_metrics", "val_handlers", "other_handlers"]
+    print(f"device {r['device']}; seconds per epoch (validation every epoch)")
+    print("epoch " + " ".join(f"{c:>14}" for c in columns))
+    for i, row in enumerate(r["epochs"], 1):
+        print(f"{i:>5} " + " ".join(f"{row[c]:14.2f}" for c in columns))
+    print("mean* " + " ".join(f"{r['mean_epoch'][c]:14.2f}" for c in columns) + "   (* without epoch 1)" * (epochs > 1))
+    c = r["pure_compute"]
+    print(f"pure compute of one epoch: {c['steps']:.2f} s training steps + {c['validation']:.2f} s validation forward")
+    print(f"epoch time / pure compute: {r['epoch_over_compute']:.2f}")
+    minutes, seconds = r["recipe_minutes"], r["run_seconds"]
+    print(f"the recipe's {r['recipe_epochs']} epochs: {minutes:.1f} minutes (this run: {seconds:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------------------- one step
 
 
 def time_training_steps(net, loss_fn, x, y, steps: int, warmup: int, amp: bool) -> float:
@@ -48,45 +241,45 @@ def time_training_steps(net, loss_fn, x, y, steps: int, warmup: int, amp: bool) 
     return sorted(times)[len(times) // 2]
 
 
-def run(
-    encoder: str = "efficientnet-lite0",
-    size: int = 224,
-    batch: int = 4,
-    device: str = "cpu",
-    amp: bool = False,
-    steps: int = 10,
-    warmup: int = 3,
-    channels_last: bool = False,
-) -> dict:
+def run_step(args) -> dict:
+    from monai_wsl.losses import MaxMinUncertaintyLoss, WSLCrossEntropyLoss
+    from monai_wsl.networks import CAMClassifier, MaxMinUncertaintyNet
+
     torch.manual_seed(0)
-    dev = torch.device(device)
-    x = torch.randn(batch, 3, size, size, device=dev)
-    y = torch.randint(0, 2, (batch,), device=dev)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=memory_format)
-    maxmin = MaxMinUncertaintyNet(encoder=encoder).to(dev, memory_format=memory_format)
-    plain = CAMClassifier(encoder=encoder, pooling="avg").to(dev, memory_format=memory_format)
+    dev = torch.device(args.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 2, (args.batch,), device=dev)
+    maxmin = MaxMinUncertaintyNet(encoder=args.encoder).to(dev, memory_format=memory_format)
+    plain = CAMClassifier(encoder=args.encoder, pooling="avg").to(dev, memory_format=memory_format)
     results = {}
     # Alternate the two models so that a slow phase of the machine hits both.
     for _ in range(2):
-        t_plain = time_training_steps(plain, WSLCrossEntropyLoss(), x, y, steps, warmup, amp)
-        t_maxmin = time_training_steps(maxmin, MaxMinUncertaintyLoss(), x, y, steps, warmup, amp)
-        results.setdefault("plain", []).append(t_plain)
-        results.setdefault("maxmin", []).append(t_maxmin)
-    t_plain, t_maxmin = min(results["plain"]), min(results["maxmin"])
+        for name, net, loss_fn in (
+            ("plain", plain, WSLCrossEntropyLoss()),
+            ("maxmin", maxmin, MaxMinUncertaintyLoss()),
+        ):
+            seconds = time_training_steps(net, loss_fn, x, y, args.steps, args.warmup, args.amp)
+            results[name] = min(results.get(name, seconds), seconds)
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "encoder": encoder,
-        "input": [batch, 3, size, size],
-        "amp": amp,
-        "plain_images_per_s": batch / t_plain,
-        "maxmin_images_per_s": batch / t_maxmin,
-        "time_ratio": t_maxmin / t_plain,
+        "device": _device_name(dev),
+        "encoder": args.encoder,
+        "input": [args.batch, 3, args.size, args.size],
+        "amp": args.amp,
+        "plain_images_per_s": args.batch / results["plain"],
+        "maxmin_images_per_s": args.batch / results["maxmin"],
+        "time_ratio": results["maxmin"] / results["plain"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=["glas", "quick_start"], help="time the bundle end to end with this recipe")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the end-to-end run")
+    parser.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "glas"), help="GlaS folder")
+    parser.add_argument("--out", help="folder for the run's datalist, models and logs (default: a temporary one)")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--override", nargs="*", default=[], help="more bundle overrides, as id=value")
     parser.add_argument("--encoder", default="efficientnet-lite0")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=4)
@@ -95,23 +288,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument(
-        "--cudnn-benchmark",
-        action="store_true",
-        help="let cuDNN autotune each convolution shape first (off by default, as in training: on an H200 the "
-        "EfficientNet-lite0 run with it did not finish within a minute)",
-    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    r = run(args.encoder, args.size, args.batch, args.device, args.amp, args.steps, args.warmup, args.channels_last)
-    print(f"device {r['device']}, encoder {r['encoder']}, input {tuple(r['input'])}, amp {r['amp']}")
-    print(f"plain classifier : {r['plain_images_per_s']:8.2f} images/s")
-    print(f"max-min          : {r['maxmin_images_per_s']:8.2f} images/s")
-    print(f"time ratio       : {r['time_ratio']:8.2f} (max-min / plain; about 2.28 encoder passes)")
+    if args.recipe:
+        out = Path(args.out or tempfile.mkdtemp(prefix="monai_wsl_benchmark_"))
+        overrides = {"num_workers": args.num_workers, **dict(o.split("=", 1) for o in args.override)}
+        r = run_recipe(args.recipe, args.epochs, out, overrides, args.src)
+        print_recipe(r, args.epochs)
+    else:
+        r = run_step(args)
+        print(f"device {r['device']}, encoder {r['encoder']}, input {tuple(r['input'])}, amp {r['amp']}")
+        print(f"plain classifier : {r['plain_images_per_s']:8.2f} images/s")
+        print(f"max-min          : {r['maxmin_images_per_s']:8.2f} images/s")
+        print(f"time ratio       : {r['time_ratio']:8.2f} (max-min / plain; about 2.28 encoder passes)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
+        Path(args.json).write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":
