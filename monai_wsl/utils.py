@@ -22,7 +22,8 @@ def default_bundle_root() -> str:
 
 def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` for every image file in ``folder`` (sorted; GlaS ``*_anno`` masks left out), for
-    inference. Raises ``ValueError`` when there is none."""
+    inference. Raises ``ValueError`` when there is none, or when two share a name but for the extension (their outputs
+    would overwrite each other)."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder: inference reads a folder of images (--dataset_dir FOLDER).")
@@ -35,4 +36,13 @@ def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str
     ]
     if not found:
         raise ValueError(f"no image ({', '.join(IMAGE_SUFFIXES)}) in {root}.")
+    stems: dict[str, Path] = {}
+    for p in found:
+        stem = p.name.split(".")[0]
+        if stem in stems:
+            raise ValueError(
+                f"{stems[stem]} and {p} would both be written as {stem}_mask: rename one of them or move it to "
+                "another folder."
+            )
+        stems[stem] = p
     return [{"image": str(p)} for p in found]

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             require_train_masks=not args.allow_missing_train_masks,
         )
     except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(1, f"error: {e}\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(datalist, indent=1))
 

@@ -161,7 +161,7 @@ def test_cli_writes_datalist(tmp_path):
     assert "test: 3 (benign 2, malignant 1)" in result.stdout
     (tmp_path / "GlaS" / "Grade.csv").unlink()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "Grade.csv" in result.stderr
+    assert result.returncode == 1 and "Grade.csv" in result.stderr
 
 
 # --- clear errors that name the file --------------------------------------------------------------------------------

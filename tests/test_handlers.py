@@ -52,7 +52,7 @@ def test_epoch_seed_makes_an_epoch_depend_on_its_number_only():
 
 
 def test_resume_loader_takes_the_newest_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint_epoch=N.pt"):
+    with pytest.raises(FileNotFoundError, match="holds no readable checkpoint_epoch=N.pt"):
         ResumeCheckpointLoader(tmp_path, {"net": torch.nn.Linear(1, 1)})
     for epoch in (2, 10, 9):
         torch.save({"net": torch.nn.Linear(1, 1).state_dict()}, tmp_path / f"checkpoint_epoch={epoch}.pt")
@@ -80,3 +80,131 @@ def test_loss_terms_go_to_the_iteration_output_and_their_epoch_means_to_the_metr
     engine.run([1, 3], max_epochs=1)
     assert float(outputs[1]["loss_b"]) == 6.0
     assert engine.state.metrics == pytest.approx({"train_loss_a": 2.0, "train_loss_b": 4.0, "train_loss": 6.0})
+
+
+# --- non-finite values stop training before the step ------------------------------------------------------------------
+
+
+def tiny_trainer(loss_fn, images: torch.Tensor, files: list[str]):
+    from monai.engines import SupervisedTrainer
+
+    from monai_wsl.handlers import StopOnNonFinite
+    from monai_wsl.networks import CAMClassifier
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU())
+    net = CAMClassifier(encoder=encoder)
+    data = [{"image": images, "label": torch.tensor([0, 1]), "image_file": files}]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=loss_fn,
+        decollate=False,
+    )
+    StopOnNonFinite(loss_fn).attach(trainer)
+    return trainer, net
+
+
+def test_non_finite_input_pixels_stop_the_step_and_name_the_image():
+    from monai_wsl.handlers import NonFiniteError
+    from monai_wsl.losses import WSLCrossEntropyLoss
+
+    images = torch.rand(2, 3, 32, 32)
+    images[1, 0, 5, 5] = float("nan")
+    trainer, net = tiny_trainer(WSLCrossEntropyLoss(), images, ["a.png", "b.png"])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"image\(s\) b.png in epoch 1, iteration 1"):
+        trainer.run()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_non_finite_loss_term_is_named_and_no_step_is_taken():
+    from monai_wsl.handlers import NonFiniteError
+    from monai_wsl.losses import MaxMinUncertaintyLoss
+
+    class BrokenSize(MaxMinUncertaintyLoss):
+        """A max-min loss whose size term overflows, as a diverging run's would."""
+
+        def forward(self, input, target):
+            out = {**input, "logits_bg": input["logits"], "logits_loc": input["logits"]}
+            total = super().forward(out, target)
+            self.terms["loss_size"] = torch.tensor(float("inf"))
+            return total + self.terms["loss_size"]
+
+    trainer, net = tiny_trainer(BrokenSize(), torch.rand(2, 3, 32, 32), ["a.png", "b.png"])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"the loss is inf \(term\(s\): loss_size\) in epoch 1.*a.png, b.png"):
+        trainer.run()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_non_finite_gradients_stop_before_the_optimiser_step():
+    from monai_wsl.handlers import NonFiniteError
+    from monai_wsl.losses import WSLCrossEntropyLoss
+
+    trainer, net = tiny_trainer(WSLCrossEntropyLoss(), torch.rand(2, 3, 32, 32), ["a.png", "b.png"])
+    net.head.conv.weight.register_hook(lambda grad: grad * float("nan"))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite gradients of 1 parameter\(s\) \(e.g. \['head.conv.weight'\]\)"
+    ):
+        trainer.run()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+# --- saves that survive a failure, checkpoints that are checked -------------------------------------------------------
+
+
+def test_atomic_saves_keep_the_previous_file_until_the_new_one_is_complete(tmp_path):
+    from monai_wsl.handlers import AtomicDiskSaver, NonFiniteError
+
+    saver = AtomicDiskSaver(tmp_path)
+    saver({"w": torch.ones(3)}, "checkpoint_epoch=1.pt")
+    saver.remove("checkpoint_epoch=1.pt")  # what Ignite asks before it saves epoch 2
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed half-way through the write")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        saver({"w": torch.ones(3), "x": Unpicklable()}, "checkpoint_epoch=2.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]  # no partial file, epoch 1 kept
+    torch.testing.assert_close(torch.load(tmp_path / "checkpoint_epoch=1.pt")["w"], torch.ones(3))
+    with pytest.raises(NonFiniteError, match="not saving .*checkpoint_epoch=2.pt: 1 tensor"):
+        saver({"w": torch.tensor([1.0, float("nan")])}, "checkpoint_epoch=2.pt")
+    saver({"w": torch.zeros(3)}, "checkpoint_epoch=2.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]  # epoch 1 removed after
+    fixed = AtomicDiskSaver(tmp_path, "model.pt")  # the selected model: one name, replaced in place
+    fixed({"w": torch.ones(2)}, "ignored.pt")
+    fixed.remove("ignored.pt")
+    fixed({"w": torch.full((2,), 2.0)}, "ignored.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "model.pt")["w"], torch.full((2,), 2.0))
+    assert oct((tmp_path / "model.pt").stat().st_mode & 0o044) == oct(0o044)  # readable by group and others
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, caplog):
+    good = {"net": torch.nn.Linear(1, 1).state_dict()}
+    torch.save(good, tmp_path / "checkpoint_epoch=3.pt")
+    (tmp_path / "checkpoint_epoch=4.pt").write_bytes(b"PK\x03\x04 cut short")
+    loader = ResumeCheckpointLoader(tmp_path, {"net": torch.nn.Linear(1, 1)})
+    assert loader.load_path == str(tmp_path / "checkpoint_epoch=3.pt")
+    assert f"skipping {tmp_path / 'checkpoint_epoch=4.pt'}" in caplog.text
+
+
+def test_checked_loader_names_what_a_checkpoint_holds(tmp_path):
+    from monai_wsl.handlers import CheckedCheckpointLoader, describe_state_dict
+    from monai_wsl.networks import CAMClassifier, DeepMILNet, MaxMinUncertaintyNet
+
+    maxmin, cam = MaxMinUncertaintyNet(encoder="resnet18"), CAMClassifier(encoder="resnet18", pooling="wildcat")
+    assert describe_state_dict(maxmin.state_dict()) == "a MaxMinUncertaintyNet (resnet18 encoder, head of 10 outputs)"
+    assert describe_state_dict(cam.state_dict()) == "a CAMClassifier (resnet18 encoder, head of 10 outputs)"
+    assert describe_state_dict(DeepMILNet(encoder="resnet18").state_dict()).startswith("a DeepMILNet (resnet18")
+    torch.save(cam.state_dict(), tmp_path / "cam.pt")
+    with pytest.raises(ValueError, match=r"cam.pt holds a CAMClassifier .* builds MaxMinUncertaintyNet"):
+        CheckedCheckpointLoader(tmp_path / "cam.pt", {"model": maxmin})
+    torch.save(maxmin.state_dict(), tmp_path / "model.pt")
+    loader = CheckedCheckpointLoader(tmp_path / "model.pt", {"model": MaxMinUncertaintyNet(encoder="resnet18")})
+    assert loader.load_path == str(tmp_path / "model.pt")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from .check import READABLE_SUFFIXES, DataError, check_run, inspect_image
 from .datalist import load_datalist
 from .glas import (
     DEFAULT_VALID_FRACTION,

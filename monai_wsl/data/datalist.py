@@ -10,14 +10,14 @@ from monai.data import load_decathlon_datalist
 __all__ = ["load_datalist"]
 
 
-def load_datalist(path: str | Path, split: str = "training") -> list[dict]:
+def load_datalist(path: str | Path, split: str = "training", check_files: bool = True) -> list[dict]:
     """The ``split`` list of a MONAI datalist JSON (``{"training": [{"image", "label", "mask"?}, ...],
     "validation": [...], "test": [...]}``), read by ``monai.data.load_decathlon_datalist``: relative paths are
     resolved against the JSON file's folder.
 
     Raises:
-        ValueError: naming the file, when it is missing or not JSON, when the split is missing or empty, or when an
-            item lacks an image or names an image or mask file that does not exist.
+        ValueError: naming the file, when it is missing or not JSON, when the split is missing or empty, or (with
+            ``check_files``) when an item lacks an image or names an image or mask file that does not exist.
     """
     path = Path(path)
     if not path.is_file():
@@ -33,7 +33,7 @@ def load_datalist(path: str | Path, split: str = "training") -> list[dict]:
         raise ValueError(
             f"the {split!r} split of {path} is empty: a MONAI datalist needs image entries under {split!r}."
         )
-    for i, item in enumerate(items):
+    for i, item in enumerate(items if check_files else ()):
         if "image" not in item:
             raise ValueError(f"datalist {path}: {split}[{i}] must have an 'image' entry, got {item!r}.")
         for key in ("image", "mask"):

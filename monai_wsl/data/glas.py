@@ -125,13 +125,14 @@ def read_glas_grades(csv_path: str | Path, class_names: Sequence[str] = GLAS_CLA
     return grades
 
 
-def read_split_csv(csv_path: str | Path) -> list[str]:
-    """Image names of a split CSV with a ``name`` column (``name,label``, one image a row).
+def read_split_csv(csv_path: str | Path) -> dict[str, int | None]:
+    """``{name: label}`` of a split CSV with a ``name`` column and an optional ``label`` column (``name,label``, one
+    image a row; the label is the class index, None where the column is absent or the cell empty).
 
     A name may carry an image extension (``train_3.bmp``); it is dropped.
 
     Raises:
-        ValueError: the file is missing, has no ``name`` column, or lists no image.
+        ValueError: the file is missing, has no ``name`` column, lists no image, or has a label that is not an integer.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -142,10 +143,18 @@ def read_split_csv(csv_path: str | Path) -> list[str]:
         if "name" not in fields:
             raise ValueError(f"split file {csv_path} must have a 'name' column (name,label); found {fields}.")
         reader.fieldnames = fields
-        names = [row["name"].strip() for row in reader if (row["name"] or "").strip()]
-    if not names:
+        rows = [
+            (row["name"].strip(), (row.get("label") or "").strip()) for row in reader if (row["name"] or "").strip()
+        ]
+    if not rows:
         raise ValueError(f"split file {csv_path} lists no image: the split would be empty.")
-    return [n[: -len(Path(n).suffix)] if Path(n).suffix.lower() in IMAGE_EXTENSIONS else n for n in names]
+    split = {}
+    for name, label in rows:
+        if label and not label.lstrip("-").isdigit():
+            raise ValueError(f"split file {csv_path}: {name} has label {label!r}, not a class index (0, 1, ...).")
+        name = name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name
+        split[name] = int(label) if label else None
+    return split
 
 
 def stratified_split(
@@ -239,12 +248,18 @@ def create_glas_datalist(
         splits = {}
         seen: dict[str, Path] = {}
         for split, csv_path in zip(("training", "validation"), _split_files(Path(splits_dir).resolve(), fold)):
-            splits[split] = read_split_csv(csv_path)
-            for name in splits[split]:
+            split_labels = read_split_csv(csv_path)
+            splits[split] = list(split_labels)
+            for name, label in split_labels.items():
                 if name not in images:
                     raise ValueError(f"split file {csv_path} names {name}, which is not an image of {src}.")
                 if name in seen:
                     raise ValueError(f"{name} is in two splits: {seen[name]} and {csv_path}.")
+                if label is not None and name in grades and label != grades[name]:
+                    raise ValueError(
+                        f"split file {csv_path} gives {name} the label {label}, but {grades_csv} grades it "
+                        f"{class_names[grades[name]]} ({grades[name]}): correct one of the two files."
+                    )
                 seen[name] = csv_path
         logger.info("GlaS split from %s (fold %d).", splits_dir, fold)
     else:

@@ -1,6 +1,15 @@
 from __future__ import annotations
 
-from .checkpoint import ResumableCheckpointSaver, ResumeCheckpointLoader, latest_checkpoint
+from .checkpoint import (
+    AtomicDiskSaver,
+    CheckedCheckpointLoader,
+    NonFiniteError,
+    ResumableCheckpointSaver,
+    ResumeCheckpointLoader,
+    describe_state_dict,
+    latest_checkpoints,
+)
+from .finite import StopOnNonFinite
 from .images import OverlaySaver, TensorBoardOverlayHandler
 from .loss_terms import LossTermsHandler
 from .metrics import PixelAP

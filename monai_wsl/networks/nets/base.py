@@ -126,6 +126,10 @@ class MaskOutput(nn.Module):
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.network.predict(x)
 
+    @property
+    def min_spatial_size(self) -> int:
+        return self.network.min_spatial_size
+
     def state_dict(self, *args, **kwargs):
         return self.network.state_dict(*args, **kwargs)
 

@@ -1,0 +1,193 @@
+"""Check a run before it starts: every listed image and mask opened once, every problem of the whole dataset reported
+together, each with its file and the fix. Nothing is trained on data that would fail later."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "check_run", "inspect_image", "READABLE_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+#: what the bundle's LoadImaged reads (PIL for PNG / JPEG / BMP, ITK for TIFF, nibabel for NIfTI)
+READABLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class DataError(ValueError):
+    """The problems found before a run, one per line: the file, what is wrong, the fix."""
+
+    def __init__(self, problems: Sequence[str], what: str = "the data") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {what}; nothing was run:\n{lines}")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _read_pixels(path: Path) -> np.ndarray:
+    """The pixels as the bundle's reader sees their values (all of them: a truncated file fails here)."""
+    suffix = _suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        return np.asarray(nib.load(str(path)).dataobj)
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.dtype is not None and page.dtype.kind == "f":
+                raise _Refused("is a floating-point TIFF: save it as 8-bit RGB (or 16-bit grey)")
+            if page.samplesperpixel >= 3 and page.bitspersample > 8:
+                raise _Refused(
+                    f"is a {page.bitspersample}-bit RGB TIFF, which ITK (MONAI's TIFF reader) does not load: "
+                    "save it as 8-bit RGB"
+                )
+            return page.asarray()
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode == "P":
+            raise _Refused("is a palette image (PIL mode P), read as palette indices: convert it to RGB first")
+        im.load()
+        return np.asarray(im)
+
+
+class _Refused(Exception):
+    """A readable file in a form the bundle does not take (the message says which and the fix)."""
+
+
+def inspect_image(
+    path: str | Path, role: str = "image", min_size: int = 1
+) -> tuple[str | None, tuple[int, ...] | None]:
+    """What is wrong with the image (or mask) file ``path`` for the bundle (missing, a folder, empty, an unsupported or
+    damaged file, a form the readers cannot load, non-finite pixels, smaller than ``min_size``), or None; and its
+    (height, width) when it could be read. The file is read once, whole: a truncated file is found here."""
+    path = Path(path)
+    if not path.exists():
+        return f"{role} {path} does not exist: fix the path in the datalist", None
+    if path.is_dir():
+        return f"{role} {path} is a folder, not an image file: point the datalist at the file", None
+    if path.stat().st_size == 0:
+        return f"{role} {path} is empty (0 bytes): copy or export it again", None
+    if _suffix(path) not in READABLE_SUFFIXES:
+        return f"{role} {path} is not a file type the bundle reads ({', '.join(READABLE_SUFFIXES)}): convert it", None
+    try:
+        pixels = _read_pixels(path)
+    except _Refused as e:
+        return f"{role} {path} {e}", None
+    except Exception as e:  # damaged, truncated, not an image: the reader's own words
+        return f"{role} {path} cannot be read ({type(e).__name__}: {e}): export or download it again", None
+    size = tuple(int(s) for s in pixels.shape[:2])
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        count = int((~np.isfinite(pixels)).sum())
+        return f"{role} {path} has {count} non-finite pixel value(s) (NaN or Inf): fix or drop the image", size
+    if min(size) < min_size:
+        return (
+            f"{role} {path} is {size[1]} x {size[0]} pixels; the network needs at least {min_size} on each side: "
+            "drop it or resize it"
+        ), size
+    return None, size
+
+
+def _item_problems(item: object, where: str, needs_mask: bool, num_classes: int, min_size: int) -> list[str]:
+    if not isinstance(item, Mapping):
+        return [f"{where} must be an object {{'image', 'label', 'mask'}}, got {item!r}: fix the datalist"]
+    problems = []
+    for key in ("image", "label") + (("mask",) if needs_mask else ()):
+        if key not in item:
+            fix = "add the ground-truth mask (scored there)" if key == "mask" else f"add its {key}"
+            problems.append(f"{where} ({item.get('image', '?')}) has no {key!r}: {fix}")
+    label = item.get("label")
+    if "label" in item and not (isinstance(label, (int, np.integer)) and not isinstance(label, bool)):
+        problems.append(f"{where} ({item.get('image', '?')}) has label {label!r}: it must be a class index (an int)")
+    elif "label" in item and not 0 <= label < num_classes:
+        problems.append(
+            f"{where} ({item.get('image', '?')}) has label {label}, not a class index in [0, {num_classes})"
+        )
+    sizes = {}
+    for key in ("image", "mask"):
+        if key in item and not isinstance(item[key], str):
+            problems.append(f"{where} has {key} {item[key]!r}: it must be a file path (a string)")
+        elif key in item:
+            problem, sizes[key] = inspect_image(item[key], key, min_size if key == "image" else 1)
+            problems += [f"{where}: {problem}"] if problem else []
+    if not problems and "mask" in sizes and sizes["mask"] != sizes["image"]:
+        problems.append(
+            f"{where}: mask {item['mask']} is {sizes['mask']} but image {item['image']} is {sizes['image']} (height, "
+            "width): they must match pixel for pixel; fix or re-export the mask"
+        )
+    return problems
+
+
+def _writable_problem(folder: str | Path) -> str | None:
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"output folder {folder} is not writable ({e.strerror}): choose another (e.g. --bundle_root DIR)"
+    return None
+
+
+def check_run(
+    datalist: str | Path | None = None,
+    splits: Mapping[str, bool] | None = None,
+    class_names: Sequence[str] = ("benign", "malignant"),
+    min_size: int = 1,
+    images: Sequence[str | Path] = (),
+    writable: Sequence[str | Path] = (),
+    resize_short_side: int | None = None,
+    crop_size: int | None = None,
+) -> None:
+    """Check everything a run will read or write before it starts, and raise one :class:`DataError` listing every
+    problem found.
+
+    Args:
+        datalist: a MONAI datalist JSON (relative paths are read from its folder, as ``load_datalist`` does).
+        splits: the splits the run reads, each with whether its items need a ``mask`` (``{"training": False,
+            "validation": True}``).
+        class_names: the classes; a label must be an index into them.
+        min_size: the smallest side the network takes (images scored at full size).
+        images: images of an inference run (no datalist).
+        writable: folders the run writes to (created when missing).
+        resize_short_side, crop_size: the training crop must fit in the resized image.
+    """
+    from monai_wsl.data.datalist import load_datalist
+
+    problems = []
+    if resize_short_side is not None and crop_size is not None and crop_size > resize_short_side:
+        problems.append(
+            f"crop_size {crop_size} is larger than resize_short_side {resize_short_side}: crops would not be square; "
+            f"set --resize_short_side {crop_size} or more"
+        )
+    for split, needs_mask in (splits or {}).items():
+        try:
+            items = load_datalist(datalist, split, check_files=False)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        for i, item in enumerate(items):
+            problems += _item_problems(item, f"{split}[{i}]", needs_mask, len(class_names), min_size)
+    for image in images:
+        problem, _ = inspect_image(image, "image", min_size)
+        problems += [problem] if problem else []
+    problems += [p for p in map(_writable_problem, writable) if p]
+    if problems:
+        error = DataError(problems, f"the run's data ({datalist})" if datalist else "the run's inputs")
+        logger.error(str(error))
+        raise error
+    logger.info(
+        "checked the run's data: %s",
+        ", ".join(f"{s} ok" for s in (splits or {})) or f"{len(images)} image(s) ok",
+    )
