@@ -191,3 +191,66 @@ def test_bad_inputs_raise_clear_errors():
         MaxMinUncertaintyNet(encoder="vgg16")
     with pytest.raises(ValueError, match="no offline ImageNet weights.*pretrained_path"):
         MaxMinUncertaintyNet(encoder="resnet18", pretrained=True)
+
+
+def _sync_batchnorm_worker(rank: int, port: int, results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from monai_wsl.losses import MaxMinUncertaintyLoss
+    from monai_wsl.networks import CPUSyncBatchNorm, convert_sync_batchnorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    encoder = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, stride=4, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+    )  # fmt: skip
+    net = MaxMinUncertaintyNet(encoder=encoder, wildcat={"dropout": 0.0}).double().train()
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    y = torch.tensor([0, 1, 0, 1])
+    whole = MaxMinUncertaintyLoss()(net(x), y)  # one process, the whole batch
+    whole.backward()
+    reference = torch.cat([p.grad.flatten() for p in net.parameters()])
+    reference_stats = net.encoder[1].running_var.clone()
+    net.zero_grad()
+    for m in net.modules():
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+    convert_sync_batchnorm(net)
+    assert type(net.encoder[1]) is CPUSyncBatchNorm
+    ddp = torch.nn.parallel.DistributedDataParallel(net)  # kept alive: its hooks average the gradients in backward
+    half = MaxMinUncertaintyLoss()(ddp(x[rank::2]), y[rank::2])
+    half.backward()
+    losses = torch.stack([half.detach()] * 2)
+    dist.all_gather_into_tensor(losses, half.detach().reshape(1))
+    gradient = torch.cat([p.grad.flatten() for p in net.parameters()])
+    results.put((rank, float(losses.mean() - whole), float((gradient - reference).norm() / reference.norm()),
+                 float((net.encoder[1].running_var - reference_stats).abs().max())))  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_trains_as_one_process_with_the_whole_batch():
+    """Two gloo processes with half a batch each, SyncBatchNorm and DDP: in float64, the same mean loss, gradients and
+    running statistics as one process with the whole batch (per-process BatchNorm would differ in all three)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_sync_batchnorm_worker, args=(r, port, results)) for r in range(2)]
+    for p in processes:
+        p.start()
+    outcome = [results.get(timeout=120) for _ in processes]
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for _, loss_diff, gradient_diff, stats_diff in outcome:
+        # the loss terms are computed in float32 (as in mixed precision), the network in float64
+        assert abs(loss_diff) < 1e-6 and gradient_diff < 1e-9 and stats_diff < 1e-10, (loss_diff, gradient_diff)

@@ -451,3 +451,51 @@ if __name__ == "__main__":
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     DOC.write_text(text[:start] + "\n" + render_table(CASES) + "\n" + text[end:])
     print(f"wrote the table of {len(CASES)} cases into {DOC}")
+
+
+@pytest.mark.slow
+def test_a_kill_while_a_checkpoint_is_written_loses_nothing(tmp_path, clean_data):
+    """SIGKILL in the middle of writing checkpoint_epoch=2.pt: the epoch 1 checkpoint is intact, resume continues from
+    it, and the final weights and selected model equal an uninterrupted run's, bit for bit (same thread count)."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    base = command("train", Scene(tmp_path / "x", clean_data, tmp_path), ["--max_epochs", "3"])
+
+    def train(root: Path, *extra: str) -> list[str]:
+        cmd = list(base)
+        cmd[cmd.index("--bundle_root") + 1] = str(root)
+        return cmd + list(extra)
+
+    whole = subprocess.run(train(tmp_path / "whole"), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
+
+    marker, killed = tmp_path / "writing", tmp_path / "killed"
+    probe = ["--checkpointing#1#_target_", "tests.bundle_probes.PausingSaver"]
+    probe += ["--checkpointing#1#pause_epoch", "2", "--checkpointing#1#marker", str(marker)]
+    process = subprocess.Popen(
+        train(killed, *probe), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), process.stderr.read().decode()[-2000:] if process.poll() is not None else "no save seen"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    models = killed / "models"
+    assert (models / "checkpoint_epoch=1.pt").is_file() and not (models / "checkpoint_epoch=2.pt").exists()
+    assert list(models.glob(".checkpoint_epoch=2.pt.*.partial"))  # killed in the middle of that write
+
+    resumed = subprocess.run(
+        train(killed, "--resume", "true"), env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resume: continuing from" in resumed.stdout + resumed.stderr
+    assert not list(models.glob("*.partial"))  # the stale partial file is cleaned up by the next save of that name
+    for name in ("checkpoint_epoch=3.pt", "model.pt"):
+        a = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)
+        b = torch.load(models / name, weights_only=True)
+        a, b = a.get("model", a), b.get("model", b)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

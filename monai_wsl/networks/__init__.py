@@ -11,4 +11,13 @@ from .nets import (
     build_encoder,
     load_encoder_weights,
 )
-from .utils import minmax_normalize, normalized_map, resize_by, soft_mask, unwrap, upsample
+from .utils import (
+    CPUSyncBatchNorm,
+    convert_sync_batchnorm,
+    minmax_normalize,
+    normalized_map,
+    resize_by,
+    soft_mask,
+    unwrap,
+    upsample,
+)

@@ -5,12 +5,26 @@ Training, evaluation, inference, MONAI Label and the CAM baselines all go throug
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["upsample", "minmax_normalize", "normalized_map", "soft_mask", "resize_by", "as_plain_tensor", "unwrap"]
+__all__ = [
+    "upsample",
+    "minmax_normalize",
+    "normalized_map",
+    "soft_mask",
+    "resize_by",
+    "as_plain_tensor",
+    "unwrap",
+    "CPUSyncBatchNorm",
+    "convert_sync_batchnorm",
+]
 
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -87,3 +101,66 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP / DataParallel wrapper (any other module unchanged)."""
     parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     return module.module if isinstance(module, parallel) else module
+
+
+_SYNC_GROUPS: dict = {}
+
+
+def _sync_group():
+    """A process group of its own for the batch statistics, created on first use (by every rank at the same point):
+    their all-reduces in the backward pass must not interleave with DDP's gradient all-reduces, which gloo matches
+    by order."""
+    key = id(dist.group.WORLD)
+    if key not in _SYNC_GROUPS:
+        _SYNC_GROUPS[key] = dist.new_group(backend="gloo")
+    return _SYNC_GROUPS[key]
+
+
+class CPUSyncBatchNorm(_BatchNorm):
+    """Batch normalisation whose training statistics are those of every process's images together, on CPUs
+    (``gloo``), where PyTorch's ``SyncBatchNorm`` does not run: a distributed run then normalises as one process with
+    the whole batch does. The sums are all-reduced in float64 with the differentiable
+    ``torch.distributed.nn.all_reduce``, which also sums their gradients. Outside distributed training it is a plain
+    BatchNorm. Any number of spatial dimensions."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.ndim < 2:
+            raise ValueError(f"expected (B, C, *spatial) input, got shape {tuple(input.shape)}.")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (self.training and distributed):
+            return super().forward(input)
+        dims, channels = [0, *range(2, input.ndim)], input.shape[1]
+        wide = input.double()  # E[x^2] - E[x]^2 cancels badly in float32 for channels with a large mean
+        local = torch.cat([wide.sum(dims), wide.pow(2).sum(dims), wide.new_full((1,), input.numel() / channels)])
+        with warnings.catch_warnings():  # the differentiable all_reduce is marked deprecated, without a successor yet
+            warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=UserWarning)
+            stats = dist_nn.all_reduce(local, group=_sync_group())
+        count = stats[-1]
+        mean = stats[:channels] / count
+        var = stats[channels : 2 * channels] / count - mean.pow(2)
+        shape = (1, channels, *([1] * (input.ndim - 2)))
+        out = (input - mean.view(shape).to(input.dtype)) * torch.rsqrt(var.view(shape) + self.eps).to(input.dtype)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                unbiased = var * count / (count - 1)
+                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+        return out
+
+
+def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every BatchNorm synchronised across processes, in place (same parameters, buffers and state dict
+    keys); returns it, for multi-process training. With CUDA: PyTorch's ``SyncBatchNorm``; on CPUs:
+    :class:`CPUSyncBatchNorm`."""
+    if torch.cuda.is_available():
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if isinstance(m, _BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm):
+            m.__class__ = CPUSyncBatchNorm  # the same object and tensors, with the synchronising forward
+    return module
