@@ -99,7 +99,7 @@ def tiff(scene: Scene, array: np.ndarray, name: str) -> Path:
     import tifffile
 
     path = scene.data / name
-    tifffile.imwrite(path, array, photometric="rgb" if array.ndim == 3 else "minisblack")
+    tifffile.imwrite(path, array, photometric="rgb" if array.ndim == 3 and array.shape[-1] == 3 else "minisblack")
     scene.set_item("training", 0, image=name)
     return path
 
@@ -165,6 +165,11 @@ def _rgb16(s):
 @_case("a floating-point TIFF", "train", "is a floating-point TIFF")
 def _float_tiff(s):
     return [], [tiff(s, np.random.default_rng(0).random((64, 64, 3), dtype=np.float32), "float.tif")]
+
+
+@_case("a TIFF with 5 channels", "train", "expected a 2D image (height, width) with 1 to 4 channels")
+def _five_channels(s):
+    return [], [tiff(s, np.random.default_rng(0).integers(0, 255, (64, 64, 5), dtype=np.uint8), "five.tif")]
 
 
 @_case("an image with a NaN patch", "train", "non-finite pixel value(s) (NaN or Inf)")

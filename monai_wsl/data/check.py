@@ -44,15 +44,15 @@ def _read_pixels(path: Path) -> np.ndarray:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            if page.dtype is not None and page.dtype.kind == "f":
+            page, series = tif.pages[0], tif.series[0]  # a stack of pages is one series of more dimensions
+            if series.dtype.kind == "f":
                 raise _Refused("is a floating-point TIFF: save it as 8-bit RGB (or 16-bit grey)")
             if page.samplesperpixel >= 3 and page.bitspersample > 8:
                 raise _Refused(
                     f"is a {page.bitspersample}-bit RGB TIFF, which ITK (MONAI's TIFF reader) does not load: "
                     "save it as 8-bit RGB"
                 )
-            return page.asarray()
+            return series.asarray()
     from PIL import Image
 
     with Image.open(path) as im:
@@ -87,6 +87,11 @@ def inspect_image(
         return f"{role} {path} {e}", None
     except Exception as e:  # damaged, truncated, not an image: the reader's own words
         return f"{role} {path} cannot be read ({type(e).__name__}: {e}): export or download it again", None
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] > 4):
+        return (
+            f"{role} {path} has shape {tuple(pixels.shape)}: expected a 2D image (height, width) with 1 to 4 channels "
+            "(grey, grey + alpha, RGB, RGBA): convert it to RGB"
+        ), None
     size = tuple(int(s) for s in pixels.shape[:2])
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         count = int((~np.isfinite(pixels)).sum())
