@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-__all__ = ["default_bundle_root", "list_images", "IMAGE_SUFFIXES"]
+__all__ = ["default_bundle_root", "list_images", "report_outputs", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
 
@@ -46,3 +47,16 @@ def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str
             )
         stems[stem] = p
     return [{"image": str(p)} for p in found]
+
+
+def report_outputs(folder: str | Path, what: str) -> None:
+    """Say where a run's files went: the folder, and what it holds by kind (``*_mask.png (18)``)."""
+    folder = Path(folder).resolve()
+    kinds: dict[str, int] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            name = p.name if "_" not in p.stem else "*" + p.name[p.name.rfind("_") :]
+            key = name if p.parent == folder else f"{p.parent.relative_to(folder)}/{name}"
+            kinds[key] = kinds.get(key, 0) + 1
+    listing = ", ".join(f"{k} ({n})" for k, n in kinds.items())
+    logging.getLogger("monai_wsl").info(f"{what}: the results are in {folder}, which holds {listing}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,10 +91,22 @@ def test_tensorboard_holds_loss_terms_metrics_schedules_and_overlays(trained):
     expected |= {"val_accuracy", "val_f1_pos", "val_f1_neg", "val_pxap", "val_iou_pos", "val_fpr"}
     assert expected <= scalars, expected - scalars
     assert [e.value for e in events.Scalars("sigma")] == pytest.approx([0.15, 0.151])
+    # the loss terms: one point per epoch (their means) and one per iteration (8 images / batch 4 = 2 per epoch),
+    # under separate tags
+    iterations = {f"iteration/{k}" for k in ("loss", "loss_ce_loc", "loss_ce_fg", "loss_bg", "loss_size")}
+    assert iterations <= scalars and [e.step for e in events.Scalars("iteration/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    epoch_means = [np.mean([e.value for e in events.Scalars("iteration/loss")][i : i + 2]) for i in (0, 2)]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(epoch_means, rel=1e-5)
     images = events.Images("validation_overlay")
     assert [im.step for im in images] == [1, 2]
-    # 4 validation images of 96 x 96, each a row: image | prediction | errors, with 2-pixel gaps, 4-pixel between rows
-    assert (images[-1].width, images[-1].height) == (3 * 96 + 2 * 2, 4 * 96 + 3 * 4)
+    # 4 validation images of 96 x 96, each a row: image | prediction | errors, with 2-pixel gaps, 4-pixel between rows,
+    # then the key to the colours (two lines of text at this width)
+    from monai_wsl.visualize import legend
+
+    key = legend(3 * 96 + 2 * 2)
+    assert key.shape[1] == 2 + 2 * 14
+    assert (images[-1].width, images[-1].height) == (3 * 96 + 2 * 2, 4 * 96 + 4 * 4 + key.shape[1])
 
 
 def read_csv_rows(path: Path) -> list[list[str]]:
@@ -191,6 +204,10 @@ def test_verify_metadata_net_in_out_and_ckpt_export(trained, tmp_path):
     x = torch.rand(1, 3, 128, 128) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(exported(x), net.eval()(x), rtol=1e-4, atol=1e-5)
+        with pytest.raises(
+            Exception, match=r"exported \(traced\) for images of \[128, 128\] pixels and is given \[160, 128\]"
+        ):
+            exported(torch.rand(1, 3, 160, 128))  # a traced graph keeps its sizes: another size is refused
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -350,3 +367,34 @@ def test_gradcam_evaluates_a_trained_cam_model(tmp_path):
     # its CAM up to a ReLU, so those two maps may coincide)
     assert scores["gradcam"]["val_accuracy"] == scores["gradcampp"]["val_accuracy"] == scores["cam"]["val_accuracy"]
     assert scores["gradcampp"]["val_pxap"] != scores["gradcam"]["val_pxap"]
+
+
+def test_training_ends_with_a_summary_and_models_say_what_they_know(tmp_path, shared_data):
+    """The end of a training names the selected model, its epoch and metrics and the TensorBoard command; its model
+    card records the synthetic training data, and inference warns when that model meets other images."""
+    root = tmp_path / "root"
+    small = '{"num_train": 8, "num_valid": 4, "size": [96, 96], "seed": 0}'
+    train = bundle_command(["train.json"], root, str(root / "data" / "synthetic"), "--max_epochs", "2")
+    done = subprocess.run(train + ["--synthetic_data", small], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    card = json.loads((root / "models" / "model_card.json").read_text())
+    assert f"selected model: {root / 'models' / 'model.pt'}" in done.stdout
+    assert f"selected epoch: {card['selected_epoch']}, the best val_accuracy" in done.stdout
+    assert f"val_f1_neg: {card['validation']['val_f1_neg']:.4f}" in done.stdout
+    assert f"tensorboard --logdir {root / 'logs'}" in done.stdout
+    assert card["trained_on"]["synthetic"] is True and card["trained_on"]["class_names"] == ["benign", "malignant"]
+
+    def infer(folder: Path) -> str:
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
+               "--bundle_root", str(root), "--dataset_dir", str(folder), "--num_workers", "0"]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    glas = tmp_path / "glas"
+    glas.mkdir()
+    shutil.copy(shared_data / "glas" / "train_1.jpg", glas)
+    warning = "was trained on the embedded synthetic set"
+    assert warning in infer(glas)
+    own = infer(root / "data" / "synthetic")
+    assert warning not in own and f"inference: the results are in {root / 'inference'}" in own

@@ -145,6 +145,22 @@ def _writable_problem(folder: str | Path) -> str | None:
     return None
 
 
+def _warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, images: Sequence[str | Path]) -> None:
+    from monai_wsl.handlers.summary import read_model_card
+
+    card = read_model_card(checkpoint) or {}
+    trained_on = card.get("trained_on", {})
+    if not trained_on.get("synthetic"):
+        return
+    synthetic = Path(trained_on.get("datalist", "")).parent.resolve()
+    used = [Path(datalist).parent] if datalist else [Path(i).parent for i in images]
+    if any(p.resolve() != synthetic for p in used):
+        logger.warning(
+            f"{checkpoint} was trained on the embedded synthetic set ({synthetic}), not on histology images: its masks "
+            "and classes on these images mean nothing. Train on your data first (bundle/docs/README.md, Train)."
+        )
+
+
 def check_run(
     datalist: str | Path | None = None,
     splits: Mapping[str, bool] | None = None,
@@ -154,6 +170,7 @@ def check_run(
     writable: Sequence[str | Path] = (),
     resize_short_side: int | None = None,
     crop_size: int | None = None,
+    checkpoint: str | Path | None = None,
 ) -> None:
     """Check everything a run will read or write before it starts, and raise one :class:`DataError` listing every
     problem found.
@@ -167,6 +184,8 @@ def check_run(
         images: images of an inference run (no datalist).
         writable: folders the run writes to (created when missing).
         resize_short_side, crop_size: the training crop must fit in the resized image.
+        checkpoint: the model an evaluation or inference uses: a warning when its model card says it was trained on
+            the embedded synthetic set and the run's data is another.
     """
     from monai_wsl.data.datalist import load_datalist
 
@@ -188,6 +207,8 @@ def check_run(
         problem, _ = inspect_image(image, "image", min_size)
         problems += [problem] if problem else []
     problems += [p for p in map(_writable_problem, writable) if p]
+    if checkpoint is not None:
+        _warn_if_synthetic(checkpoint, datalist, images)
     if problems:
         error = DataError(problems, f"the run's data ({datalist})" if datalist else "the run's inputs")
         logger.error(str(error))

@@ -14,3 +14,4 @@ from .images import OverlaySaver, TensorBoardOverlayHandler
 from .loss_terms import LossTermsHandler
 from .metrics import PixelAP
 from .schedules import EpochSeedHandler, ScheduleHandler
+from .summary import MODEL_CARD, TrainingSummary, read_model_card

@@ -94,7 +94,8 @@ class TensorBoardOverlayHandler:
 
     def __call__(self, engine: Engine) -> None:
         if self._rows:
-            self.writer.add_image(self.tag, overlay_grid(self._rows), engine.state.epoch, dataformats="CHW")
+            grid = overlay_grid(self._rows, truth=self.label_key is not None)
+            self.writer.add_image(self.tag, grid, engine.state.epoch, dataformats="CHW")
             self.writer.flush()
         self._rows = []
 
@@ -134,4 +135,5 @@ class OverlaySaver:
                 item[self.image_key], item[self.pred_key], gt, value_range=self.value_range, transpose=self.transpose
             )
             stem = Path(_filename(item, self.image_key, f"image_{engine.state.iteration}_{i}")).name.split(".")[0]
-            Image.fromarray(to_uint8(panels)).save(self.output_dir / f"{stem}_overlay.png")
+            picture = overlay_grid([panels], truth=gt is not None)  # with the key to the colours
+            Image.fromarray(to_uint8(picture)).save(self.output_dir / f"{stem}_overlay.png")

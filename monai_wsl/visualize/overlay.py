@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["display_image", "mask_overlay_panels", "overlay_grid", "tint", "to_uint8", "COLORS"]
+__all__ = ["display_image", "mask_overlay_panels", "overlay_grid", "legend", "tint", "to_uint8", "COLORS"]
 
 COLORS = {
     "pred": (0.0, 0.75, 0.85),  # teal: predicted region
@@ -103,8 +103,45 @@ def mask_overlay_panels(
     return torch.cat(out, dim=2)
 
 
-def overlay_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack ``(3, H_i, W_i)`` rows vertically (padded with white to the widest) -> ``(3, H, W)``."""
+LEGEND = (
+    ("predicted region", "pred"),
+    ("ground-truth outline", "contour"),
+    ("found", "tp"),
+    ("false positive", "fp"),
+    ("missed", "fn"),
+)
+
+
+def legend(width: int, truth: bool = True) -> torch.Tensor:
+    """A key to the overlay colours, ``(3, h, width)`` in [0, 1]: a coloured square and its name per entry, wrapped
+    to ``width`` (without ``truth``: the predicted region only)."""
+    from PIL import Image, ImageDraw
+
+    entries = LEGEND if truth else LEGEND[:1]
+    line, box, pad = 14, 9, 6
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    sizes = [box + 4 + int(draw.textlength(name)) + pad for name, _ in entries]
+    lines, x = 1, 0
+    for size in sizes:
+        if x and x + size > width:
+            lines, x = lines + 1, 0
+        x += size
+    canvas = Image.new("RGB", (width, lines * line + 2), "white")
+    draw = ImageDraw.Draw(canvas)
+    x, y = 2, 2
+    for (name, key), size in zip(entries, sizes):
+        if x > 2 and x + size > width:
+            x, y = 2, y + line
+        color = tuple(int(255 * c) for c in COLORS[key])
+        draw.rectangle([x, y + 1, x + box, y + 1 + box], fill=color, outline=(80, 80, 80))
+        draw.text((x + box + 4, y), name, fill="black")
+        x += size
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def overlay_grid(rows: Sequence[torch.Tensor], truth: bool | None = True) -> torch.Tensor:
+    """Stack ``(3, H_i, W_i)`` rows vertically (padded with white to the widest) -> ``(3, H, W)``, with the
+    :func:`legend` of the colours below (``truth``: whether the rows show a ground truth; ``None``: no legend)."""
     if not rows:
         raise ValueError("no rows to draw.")
     width = max(r.shape[2] for r in rows)
@@ -112,7 +149,9 @@ def overlay_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     for r in rows:
         pad = torch.ones(3, r.shape[1], width - r.shape[2])
         padded += [torch.cat([r, pad], 2), torch.ones(3, 4, width)]
-    return torch.cat(padded[:-1], 1)
+    if truth is not None:
+        padded.append(legend(width, truth))
+    return torch.cat(padded if truth is not None else padded[:-1], 1)
 
 
 def to_uint8(rgb: torch.Tensor) -> np.ndarray:

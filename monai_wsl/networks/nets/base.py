@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -103,9 +104,27 @@ class WSLNet(nn.Module):
         return self.predict(x)["mask"]
 
 
+def _check_traced_size(x: torch.Tensor, traced: list[int]) -> torch.Tensor:
+    size = x.shape[2:]
+    if size != traced:
+        # str.format, as TorchScript compiles it (not f-strings)
+        message = "this TorchScript model was exported (traced) for images of {} pixels and is given {}: resize the "
+        message += "images to that size, or export it again with --input_shape for theirs"
+        raise ValueError(message.format(traced, size))
+    return x
+
+
+@functools.cache
+def _traced_size_guard():
+    """:func:`_check_traced_size` compiled by TorchScript (once, when a model is first traced): a traced graph keeps
+    the sizes it saw as constants, so the exported model carries this check instead of silently wrong masks."""
+    return torch.jit.script(_check_traced_size)
+
+
 class MaskOutput(nn.Module):
     """A :class:`WSLNet` seen as a segmentation network: ``(B, C, *spatial) -> (B, 2, *spatial)`` ``[1 - M, M]``
-    (background, foreground), the tensor that ``verify_net_in_out``, TorchScript export and MONAI Label expect.
+    (background, foreground), the tensor that ``verify_net_in_out``, TorchScript export and MONAI Label expect. A
+    traced TorchScript export works at the traced size and refuses any other with an error that says so.
 
     It holds no parameters of its own and its state dict is the wrapped network's, key for key, so a ``model.pt``
     saved in training loads into it as is. :meth:`predict` is the wrapped network's, so the bundle's
@@ -120,6 +139,8 @@ class MaskOutput(nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():  # ckpt_export --use_trace: the export refuses other sizes with a clear error
+            x = _traced_size_guard()(x, [int(s) for s in x.shape[2:]])
         mask = self.network.segment(x)
         return torch.cat([1 - mask, mask], dim=1)
 
