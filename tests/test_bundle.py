@@ -100,13 +100,14 @@ def test_tensorboard_holds_loss_terms_metrics_schedules_and_overlays(trained):
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(epoch_means, rel=1e-5)
     images = events.Images("validation_overlay")
     assert [im.step for im in images] == [1, 2]
-    # 4 validation images of 96 x 96, each a row: image | prediction | errors, with 2-pixel gaps, 4-pixel between rows,
-    # then the key to the colours (two lines of text at this width)
+    # 4 validation images of 96 x 96, shown at twice their size (pictures under 128 pixels a side are enlarged), each
+    # a row: image | prediction | errors, with 2-pixel gaps, 4-pixel between rows, then the key to the colours
     from monai_wsl.visualize import legend
 
-    key = legend(3 * 96 + 2 * 2)
-    assert key.shape[1] == 2 + 2 * 14
-    assert (images[-1].width, images[-1].height) == (3 * 96 + 2 * 2, 4 * 96 + 4 * 4 + key.shape[1])
+    side = 2 * 96
+    key = legend(3 * side + 2 * 2)
+    assert key.shape[1] == 2 + 14
+    assert (images[-1].width, images[-1].height) == (3 * side + 2 * 2, 4 * side + 4 * 4 + key.shape[1])
 
 
 def read_csv_rows(path: Path) -> list[list[str]]:

@@ -12,4 +12,11 @@ from .glas import (
     read_split_csv,
     stratified_split,
 )
-from .synthetic import CLASS_NAMES, make_synthetic_histology, synthetic_histology_sample, write_synthetic_histology
+from .synthetic import (
+    CLASS_NAMES,
+    make_synthetic_histology,
+    synthetic_histology_sample,
+    synthetic_volume_sample,
+    write_synthetic_histology,
+    write_synthetic_volumes,
+)

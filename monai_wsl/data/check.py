@@ -67,11 +67,12 @@ class _Refused(Exception):
 
 
 def inspect_image(
-    path: str | Path, role: str = "image", min_size: int = 1
+    path: str | Path, role: str = "image", min_size: int = 1, spatial_dims: int = 2
 ) -> tuple[str | None, tuple[int, ...] | None]:
     """What is wrong with the image (or mask) file ``path`` for the bundle (missing, a folder, empty, an unsupported or
     damaged file, a form the readers cannot load, non-finite pixels, smaller than ``min_size``), or None; and its
-    (height, width) when it could be read. The file is read once, whole: a truncated file is found here."""
+    spatial size (height, width[, depth]) when it could be read. The file is read once, whole: a truncated file is
+    found here. ``spatial_dims``: 2 for images, 3 for volumes (one channel or up to 4 in a last axis)."""
     path = Path(path)
     if not path.exists():
         return f"{role} {path} does not exist: fix the path in the datalist", None
@@ -87,24 +88,29 @@ def inspect_image(
         return f"{role} {path} {e}", None
     except Exception as e:  # damaged, truncated, not an image: the reader's own words
         return f"{role} {path} cannot be read ({type(e).__name__}: {e}): export or download it again", None
-    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] > 4):
+    channels = pixels.ndim == spatial_dims + 1
+    if pixels.ndim not in (spatial_dims, spatial_dims + 1) or (channels and pixels.shape[-1] > 4):
+        what = "a 2D image (height, width)" if spatial_dims == 2 else "a volume (x, y, z)"
         return (
-            f"{role} {path} has shape {tuple(pixels.shape)}: expected a 2D image (height, width) with 1 to 4 channels "
-            "(grey, grey + alpha, RGB, RGBA): convert it to RGB"
+            f"{role} {path} has shape {tuple(pixels.shape)}: expected {what} with 1 to 4 channels "
+            "(grey, grey + alpha, RGB, RGBA): convert it"
         ), None
-    size = tuple(int(s) for s in pixels.shape[:2])
+    size = tuple(int(s) for s in pixels.shape[:spatial_dims])
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         count = int((~np.isfinite(pixels)).sum())
         return f"{role} {path} has {count} non-finite pixel value(s) (NaN or Inf): fix or drop the image", size
     if min(size) < min_size:
         return (
-            f"{role} {path} is {size[1]} x {size[0]} pixels; the network needs at least {min_size} on each side: "
+            f"{role} {path} is {' x '.join(map(str, size[1::-1] + size[2:]))} pixels; the network needs at least "
+            f"{min_size} on each side: "
             "drop it or resize it"
         ), size
     return None, size
 
 
-def _item_problems(item: object, where: str, needs_mask: bool, num_classes: int, min_size: int) -> list[str]:
+def _item_problems(
+    item: object, where: str, needs_mask: bool, num_classes: int, min_size: int, spatial_dims: int = 2
+) -> list[str]:
     if not isinstance(item, Mapping):
         return [f"{where} must be an object {{'image', 'label', 'mask'}}, got {item!r}: fix the datalist"]
     problems = []
@@ -124,12 +130,12 @@ def _item_problems(item: object, where: str, needs_mask: bool, num_classes: int,
         if key in item and not isinstance(item[key], str):
             problems.append(f"{where} has {key} {item[key]!r}: it must be a file path (a string)")
         elif key in item:
-            problem, sizes[key] = inspect_image(item[key], key, min_size if key == "image" else 1)
+            problem, sizes[key] = inspect_image(item[key], key, min_size if key == "image" else 1, spatial_dims)
             problems += [f"{where}: {problem}"] if problem else []
     if not problems and "mask" in sizes and sizes["mask"] != sizes["image"]:
         problems.append(
-            f"{where}: mask {item['mask']} is {sizes['mask']} but image {item['image']} is {sizes['image']} (height, "
-            "width): they must match pixel for pixel; fix or re-export the mask"
+            f"{where}: mask {item['mask']} is {sizes['mask']} but image {item['image']} is {sizes['image']} (in "
+            "pixels): they must match pixel for pixel; fix or re-export the mask"
         )
     return problems
 
@@ -171,6 +177,7 @@ def check_run(
     resize_short_side: int | None = None,
     crop_size: int | None = None,
     checkpoint: str | Path | None = None,
+    spatial_dims: int = 2,
 ) -> None:
     """Check everything a run will read or write before it starts, and raise one :class:`DataError` listing every
     problem found.
@@ -186,6 +193,7 @@ def check_run(
         resize_short_side, crop_size: the training crop must fit in the resized image.
         checkpoint: the model an evaluation or inference uses: a warning when its model card says it was trained on
             the embedded synthetic set and the run's data is another.
+        spatial_dims: 2 for images, 3 for volumes.
     """
     from monai_wsl.data.datalist import load_datalist
 
@@ -202,9 +210,9 @@ def check_run(
             problems.append(str(e))
             continue
         for i, item in enumerate(items):
-            problems += _item_problems(item, f"{split}[{i}]", needs_mask, len(class_names), min_size)
+            problems += _item_problems(item, f"{split}[{i}]", needs_mask, len(class_names), min_size, spatial_dims)
     for image in images:
-        problem, _ = inspect_image(image, "image", min_size)
+        problem, _ = inspect_image(image, "image", min_size, spatial_dims)
         problems += [problem] if problem else []
     problems += [p for p in map(_writable_problem, writable) if p]
     if checkpoint is not None:

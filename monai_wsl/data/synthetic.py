@@ -16,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["synthetic_histology_sample", "make_synthetic_histology", "write_synthetic_histology", "CLASS_NAMES"]
+__all__ = [
+    "synthetic_histology_sample",
+    "synthetic_volume_sample",
+    "make_synthetic_histology",
+    "write_synthetic_histology",
+    "write_synthetic_volumes",
+    "CLASS_NAMES",
+]
 
 CLASS_NAMES = ("benign", "malignant")
 
@@ -127,32 +134,68 @@ def synthetic_histology_sample(
     return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)
 
 
+def synthetic_volume_sample(
+    label: int, size: tuple[int, int, int] = (32, 32, 32), rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One grey volume ``(X, Y, Z)`` uint8 and its blob mask ``(X, Y, Z)`` uint8 (0 / 1) for class ``label``.
+
+    A smooth, noisy background holds one to three ellipsoid blobs (about a third of the volume) of the same mean
+    brightness in both classes: smooth blobs in class 0, speckled ones in class 1. Only the blobs tell the classes
+    apart, so a model has to find them.
+    """
+    import torch
+
+    if label not in (0, 1):
+        raise ValueError(f"label must be 0 or 1, got {label}.")
+    rng = rng if rng is not None else np.random.default_rng()
+    coarse = torch.from_numpy(rng.random((1, 1, *(max(2, s // 8) for s in size)))).float()
+    shade = torch.nn.functional.interpolate(coarse, size=size, mode="trilinear", align_corners=True)[0, 0].numpy()
+    volume = 80.0 + 40.0 * shade + rng.normal(0, 6, size)
+    grid = np.stack(np.meshgrid(*(np.arange(s) for s in size), indexing="ij"), -1).astype(np.float32)
+    mask = np.zeros(size, dtype=bool)
+    for _ in range(int(rng.integers(1, 4))):
+        radii = rng.uniform(0.26, 0.4, 3) * np.array(size)
+        center = rng.uniform(radii, np.array(size) - radii)
+        mask |= (((grid - center) / radii) ** 2).sum(-1) <= 1.0
+    texture = rng.normal(0, 40 if label == 1 else 5, size)
+    volume[mask] = 170.0 + texture[mask]
+    return np.clip(volume, 0, 255).astype(np.uint8), mask.astype(np.uint8)
+
+
+def _samples(sample, num: int, size: tuple[int, ...], seed: int) -> list[dict[str, np.ndarray | int]]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(num):  # classes alternating: balanced
+        image, mask = sample(i % 2, size, rng)
+        samples.append({"image": image, "mask": mask, "label": i % 2})
+    return samples
+
+
 def make_synthetic_histology(
     num_images: int, size: tuple[int, int] = (128, 128), seed: int = 0
 ) -> list[dict[str, np.ndarray | int]]:
     """``num_images`` samples, classes alternating (balanced), each ``{"image": (H, W, 3) uint8, "mask": (H, W)
     uint8, "label": int}``; the same seed gives the same data."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for i in range(num_images):
-        image, mask = synthetic_histology_sample(i % 2, size, rng)
-        samples.append({"image": image, "mask": mask, "label": i % 2})
-    return samples
+    return _samples(synthetic_histology_sample, num_images, size, seed)
 
 
-def write_synthetic_histology(
-    out_dir: str | Path,
-    num_train: int = 32,
-    num_valid: int = 12,
-    size: tuple[int, int] = (128, 128),
-    seed: int = 0,
-) -> Path:
-    """Write the dataset as PNG files (``<split>_<i>.png`` images, ``<split>_<i>_anno.png`` masks with 255 for
-    gland) and a MONAI datalist ``datalist.json`` (``training`` / ``validation`` with ``image``, ``label``,
-    ``mask``, paths relative to ``out_dir``); returns the datalist path. An existing datalist written with the same
-    arguments is reused."""
+def _save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
+    Image.fromarray(array).save(path)
+
+
+def _save_nifti(path: Path, array: np.ndarray) -> None:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+
+
+def _write(out_dir, sample, suffix, save, num_train: int, num_valid: int, size: tuple[int, ...], seed: int) -> Path:
+    """Write a synthetic set as image and mask files (``<split>_<i><suffix>``, ``<split>_<i>_anno<suffix>`` with 255
+    for the region) and a MONAI datalist ``datalist.json`` (``training`` / ``validation`` with ``image``, ``label``,
+    ``mask``, paths relative to ``out_dir``); returns the datalist path. An existing datalist written with the same
+    arguments is reused."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datalist_path = out / "datalist.json"
@@ -169,11 +212,25 @@ def write_synthetic_histology(
     datalist: dict = {"synthetic": recipe, "labels": list(CLASS_NAMES)}
     for split, n, split_seed in (("training", num_train, seed), ("validation", num_valid, seed + 1)):
         items = []
-        for i, sample in enumerate(make_synthetic_histology(n, size, split_seed)):
-            image_path, mask_path = out / f"{split}_{i}.png", out / f"{split}_{i}_anno.png"
-            Image.fromarray(sample["image"]).save(image_path)
-            Image.fromarray(sample["mask"] * 255).save(mask_path)
-            items.append({"image": image_path.name, "label": int(sample["label"]), "mask": mask_path.name})
+        for i, item in enumerate(_samples(sample, n, tuple(size), split_seed)):
+            image_path, mask_path = out / f"{split}_{i}{suffix}", out / f"{split}_{i}_anno{suffix}"
+            save(image_path, item["image"])
+            save(mask_path, item["mask"] * 255)
+            items.append({"image": image_path.name, "label": int(item["label"]), "mask": mask_path.name})
         datalist[split] = items
     datalist_path.write_text(json.dumps(datalist, indent=1))
     return datalist_path
+
+
+def write_synthetic_histology(
+    out_dir: str | Path, num_train: int = 32, num_valid: int = 12, size: tuple[int, int] = (128, 128), seed: int = 0
+) -> Path:
+    """The 2D set (:func:`synthetic_histology_sample`) as PNG files and a datalist in ``out_dir`` (see ``_write``)."""
+    return _write(out_dir, synthetic_histology_sample, ".png", _save_png, num_train, num_valid, size, seed)
+
+
+def write_synthetic_volumes(
+    out_dir: str | Path, num_train: int = 24, num_valid: int = 8, size: tuple[int, ...] = (32, 32, 32), seed: int = 0
+) -> Path:
+    """The 3D set (:func:`synthetic_volume_sample`) as NIfTI files and a datalist in ``out_dir`` (see ``_write``)."""
+    return _write(out_dir, synthetic_volume_sample, ".nii.gz", _save_nifti, num_train, num_valid, size, seed)

@@ -236,11 +236,19 @@ class CheckedCheckpointLoader(CheckpointLoader):
             state = checkpoint.get(key, checkpoint) if len(load_dict) == 1 else checkpoint[key]
             expected = module.state_dict()
             wrong = {k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)}
-            if wrong or set(state) - set(expected):
+            extra = set(state) - set(expected)
+            if wrong or extra:
                 builds = describe_state_dict(expected).replace("a ", "", 1)
+                differences = [
+                    f"{k}: {tuple(state[k].shape) if k in state else 'missing'} in the file, "
+                    f"{tuple(expected[k].shape)} built"
+                    for k in sorted(wrong)
+                ] + [f"{k}: in the file, not built" for k in sorted(extra)]
                 raise ValueError(
-                    f"checkpoint {path} holds {describe_state_dict(state)}, but this configuration builds {builds}: "
-                    "add the method file it was trained with (configs/methods/*.json) or pass its own --checkpoint."
+                    f"checkpoint {path} holds {describe_state_dict(state)}, but this configuration builds {builds} "
+                    f"({len(differences)} difference(s), e.g. {'; '.join(differences[:3])}): add the method or "
+                    "recipe file it was trained with (configs/methods/*.json, configs/recipes/*.json) or pass its own "
+                    "--checkpoint."
                 )
             bad = _non_finite(state)
             if bad:

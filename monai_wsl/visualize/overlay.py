@@ -56,6 +56,10 @@ def _contour(mask: torch.Tensor) -> torch.Tensor:
     return (m - eroded)[0, 0] > 0
 
 
+def _enlarge(mask: torch.Tensor, zoom: int) -> torch.Tensor:
+    return mask.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+
+
 def tint(rgb: torch.Tensor, where: torch.Tensor, color: Sequence[float], alpha: float = 0.45) -> torch.Tensor:
     """``(3, H, W)`` RGB in [0, 1] with the pixels of the ``(H, W)`` bool mask ``where`` blended towards ``color``."""
     c = torch.tensor(color).view(3, 1, 1)
@@ -70,6 +74,7 @@ def mask_overlay_panels(
     value_range: Sequence[float] | None = (-1.0, 1.0),
     transpose: bool = True,
     alpha: float = 0.45,
+    min_side: int = 128,
 ) -> torch.Tensor:
     """Side-by-side panels ``(3, H, n * W)`` in [0, 1]: the image; the predicted mask (``pred >= threshold``, teal)
     with the ground-truth outline (yellow); and, with ``gt``, the errors (true positive green, false positive red,
@@ -79,15 +84,20 @@ def mask_overlay_panels(
         image: ``(C, *spatial)``.
         pred: ``(1, *spatial)`` soft or binary mask.
         gt: ``(1, *spatial)`` binary ground truth, optional.
+        min_side: smaller pictures (a volume's 32 x 32 middle slice) are enlarged, pixels as blocks, to at least this
+            many pixels a side.
     """
     rgb = display_image(image, value_range, transpose)
     p = _plane(pred, transpose)[0] >= threshold
     if p.shape != rgb.shape[1:]:
         raise ValueError(f"pred {tuple(p.shape)} and image {tuple(rgb.shape[1:])} differ in size.")
+    zoom = -(-min_side // min(p.shape))
+    if zoom > 1:
+        rgb, p = rgb.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2), _enlarge(p, zoom)
     predicted = tint(rgb, p, COLORS["pred"], alpha)
     panels = [rgb]
     if gt is not None:
-        g = _plane(gt, transpose)[0] > 0
+        g = _enlarge(_plane(gt, transpose)[0] > 0, max(zoom, 1))
         outline = _contour(g)
         predicted = tint(predicted, outline, COLORS["contour"], 1.0)
         errors = tint(rgb, p & g, COLORS["tp"], alpha)

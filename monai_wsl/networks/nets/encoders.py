@@ -11,6 +11,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 _RESNETS = {
+    "resnet10": (ResNetBlock, [1, 1, 1, 1]),
     "resnet18": (ResNetBlock, [2, 2, 2, 2]),
     "resnet34": (ResNetBlock, [3, 4, 6, 3]),
     "resnet50": (ResNetBottleneck, [3, 4, 6, 3]),
@@ -47,23 +49,38 @@ _LITE0_STAGE_DEPTHS = [1, 2, 2, 3, 3, 4, 1]
 
 
 class ResNetEncoder(ResNet):
-    """MONAI ResNet in the ImageNet layout (7x7 stride-2 stem, max-pool, output stride 32), without the classifier.
+    """MONAI ResNet without the classifier; by default in the ImageNet layout (7x7 stride-2 stem, max-pool, output
+    stride 32).
 
     Parameter names are those of torchvision's ResNet, so an ImageNet checkpoint a user already has loads as is
     through ``pretrained_path`` (its ``fc.*`` entries are ignored).
 
     Args:
-        arch: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        arch: ``"resnet10"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         spatial_dims: 2 or 3.
         in_channels: input channels.
+        output_stride: 32 (the ImageNet layout), 16 (no max-pool) or 8 (no max-pool, stride-1 stem): finer maps for
+            small inputs, such as volumes.
+        widen_factor: scales every layer's channels (0.25: a quarter of the ImageNet widths, for CPUs).
+        norm: the normalisation layers, as MONAI names them (``"batch"``; ``("group", {"num_groups": 8})`` for the
+            small batches of volumes, whose batch statistics are too noisy).
     """
 
-    output_stride = 32
-
-    def __init__(self, arch: str = "resnet18", spatial_dims: int = 2, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        output_stride: int = 32,
+        widen_factor: float = 1.0,
+        norm: str | tuple = "batch",
+    ) -> None:
         if arch not in _RESNETS:
             raise ValueError(f"arch must be one of {tuple(_RESNETS)}, got {arch!r}.")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
         block, layers = _RESNETS[arch]
+        object.__setattr__(self, "_norm", norm)  # for _make_layer, which runs inside ResNet.__init__
         super().__init__(
             block=block,
             layers=layers,
@@ -71,18 +88,27 @@ class ResNetEncoder(ResNet):
             spatial_dims=spatial_dims,
             n_input_channels=in_channels,
             conv1_t_size=7,
-            conv1_t_stride=2,
+            conv1_t_stride=1 if output_stride == 8 else 2,
+            no_max_pool=output_stride < 32,
             shortcut_type="B",
+            widen_factor=widen_factor,
+            norm=norm,
             feed_forward=False,
             bias_downsample=False,
         )
-        self.out_channels = 512 * block.expansion
+        self.output_stride = output_stride
+        self.out_channels = int(512 * widen_factor) * block.expansion
         del self.avgpool  # features only
 
+    def _make_layer(self, *args: Any, **kwargs: Any) -> nn.Sequential:
+        # MONAI's ResNet (1.6) gives ``norm`` to its stem only; its blocks keep batch norm unless told here
+        return super()._make_layer(*args, **{**kwargs, "norm": self._norm})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *spatial) -> (B, out_channels, *spatial / 32)``."""
+        """``(B, C, *spatial) -> (B, out_channels, *spatial / output_stride)``."""
         x = self.act(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
+        if not self.no_max_pool:
+            x = self.maxpool(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
