@@ -144,7 +144,7 @@ def test_volume_recipe_trains_evaluates_and_infers_through_the_bundle(tmp_path):
 
 @pytest.mark.slow
 def test_volume_quick_start_finds_the_planted_blobs(tmp_path):
-    """The 3D quick start as the README gives it (24 epochs, about 2 minutes on 2 cores): it tells the classes apart
+    """The 3D quick start as the README gives it (24 epochs, about 2.5 minutes on 2 cores): it tells the classes apart
     and its mask ranks blob voxels above the rest far better than chance (the blobs' share of the voxels)."""
     bundle(TRAIN, tmp_path)
     metrics = check_outputs(tmp_path)
