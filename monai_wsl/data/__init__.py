@@ -12,6 +12,17 @@ from .glas import (
     read_split_csv,
     stratified_split,
 )
+from .slides import (
+    SLIDE_SUFFIXES,
+    choose_level,
+    downsample_mean,
+    list_slides,
+    mask_to_geojson,
+    open_slide,
+    otsu_threshold,
+    tissue_mask,
+    write_pyramid_tiff,
+)
 from .synthetic import (
     CLASS_NAMES,
     make_synthetic_histology,

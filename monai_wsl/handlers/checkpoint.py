@@ -257,3 +257,9 @@ class CheckedCheckpointLoader(CheckpointLoader):
                     "diverged when it was saved; train again."
                 )
         super().__init__(load_path=str(path), load_dict=load_dict, **kwargs)
+
+    def load(self) -> None:
+        """Load the checkpoint now, outside any engine (a configuration's ``initialize``: whole-slide inference)."""
+        from ignite.engine import Engine
+
+        self(Engine(lambda engine, batch: None))

@@ -1,0 +1,505 @@
+"""Run a trained localizer over whole slides: MONAI's ``PatchInferer`` over the tissue of a slide, read patch by patch
+through ``WSIReader``, merged by ``AvgMerger`` (or ``ZarrAvgMerger`` on disk when the map would not fit in memory),
+and the map handed on as files viewers open."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import AvgMerger, PatchInferer, SlidingWindowSplitter, WSISlidingWindowSplitter, ZarrAvgMerger
+from monai.transforms import ScaleIntensityRange
+
+from monai_wsl.data.check import DataError, _warn_if_synthetic, _writable_problem
+from monai_wsl.data.slides import (
+    choose_level,
+    downsample_mean,
+    mask_to_geojson,
+    open_slide,
+    tissue_mask,
+    write_json_atomic,
+    write_pyramid_tiff,
+)
+
+__all__ = ["TissueWSISplitter", "SlideInferer"]
+
+logger = logging.getLogger(__name__)
+
+
+class TissueWSISplitter(WSISlidingWindowSplitter):
+    """MONAI's ``WSISlidingWindowSplitter`` that decides from the location, before reading, whether a patch is run:
+    only patches with at least ``min_tissue`` of their area on tissue are read and yielded, so background costs
+    neither a read nor a forward pass. Pixels of border patches beyond the slide are set to white (glass), not to
+    the black a reader returns there.
+
+    Args:
+        patch_size, overlap: as ``WSISlidingWindowSplitter``.
+        tissue: ``(h, w)`` bool tissue mask of the slide at ``tissue_downsample`` (level-0 pixels per mask pixel);
+            ``None`` runs every patch.
+        tissue_downsample: see ``tissue``.
+        level_downsample: level-0 pixels per pixel of the level run.
+        min_tissue: the fraction of a patch that must be tissue.
+        reader, reader_kwargs: as ``WSISlidingWindowSplitter`` (``level`` among the kwargs).
+    """
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int],
+        overlap: float | int = 0.0,
+        tissue: np.ndarray | None = None,
+        tissue_downsample: float = 1.0,
+        level_downsample: float = 1.0,
+        min_tissue: float = 0.05,
+        reader: Any = "OpenSlide",
+        **reader_kwargs: Any,
+    ) -> None:
+        super().__init__(patch_size=patch_size, overlap=overlap, reader=reader, **reader_kwargs)
+        self.tissue = tissue
+        self.tissue_downsample = float(tissue_downsample)
+        self.level_downsample = float(level_downsample)
+        self.min_tissue = float(min_tissue)
+
+    def _grid(self, inputs: Any) -> tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]:
+        from monai.data.utils import iter_patch_position
+
+        shape = tuple(self.get_input_shape(inputs))
+        patch_size, overlap, offset = self._get_valid_shape_parameters(shape)
+        pad_size, _ = self._calculate_pad_size(shape, 2, patch_size, offset, overlap)
+        padded = tuple(s + p for s, p in zip(shape, pad_size[::2]))
+        positions = [tuple(int(v) for v in loc) for loc in iter_patch_position(padded, patch_size, offset, overlap)]
+        return shape, tuple(patch_size), positions
+
+    def tissue_fraction(self, location: Sequence[int], patch_size: Sequence[int]) -> float:
+        """The fraction of the patch at ``location`` (pixels of the level run, ``(row, col)``) that is tissue."""
+        if self.tissue is None:
+            return 1.0
+        scale = self.level_downsample / self.tissue_downsample
+        (y, x), (ph, pw) = location, patch_size
+        y0, x0 = int(np.floor(y * scale)), int(np.floor(x * scale))
+        y1, x1 = max(int(np.ceil((y + ph) * scale)), y0 + 1), max(int(np.ceil((x + pw) * scale)), x0 + 1)
+        window = self.tissue[max(y0, 0) : y1, max(x0, 0) : x1]
+        return float(window.sum()) / ((y1 - y0) * (x1 - x0))
+
+    def plan(self, inputs: Any) -> dict:
+        """The grid a slide is split into: ``shape`` (of the level run), ``positions`` (all), ``tissue_positions``
+        (those that are run)."""
+        shape, patch_size, positions = self._grid(inputs)
+        kept = [p for p in positions if self.tissue_fraction(p, patch_size) >= self.min_tissue]
+        return {"shape": shape, "patch_size": patch_size, "positions": positions, "tissue_positions": kept}
+
+    def __call__(self, inputs: Any) -> Iterable[tuple[torch.Tensor, Sequence[int]]]:
+        if not isinstance(inputs, str) and isinstance(inputs, Sequence):
+            inputs = inputs[0]
+        wsi = self.reader.read(str(inputs))
+        plan = self.plan(inputs)
+        (h, w), patch_size = plan["shape"], plan["patch_size"]
+        for location in plan["tissue_positions"]:
+            level0 = tuple(round(v * self.level_downsample) for v in location)
+            patch, _ = self.reader.get_data(wsi=wsi, location=level0, size=patch_size)
+            patch = torch.tensor(np.asarray(patch))[None]
+            over_h, over_w = location[0] + patch_size[0] - h, location[1] + patch_size[1] - w
+            if over_h > 0 or over_w > 0:
+                patch = patch.clone()
+                if over_h > 0:
+                    patch[..., patch_size[0] - over_h :, :] = 255
+                if over_w > 0:
+                    patch[..., :, patch_size[1] - over_w :] = 255
+            yield patch, location
+
+
+class _Plane:
+    """The ``(H, W)`` plane of a ``(1, 1, H, W)`` zarr array, read by slices (never the whole array at once)."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.shape = tuple(array.shape[-2:])
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        return np.asarray(self.array[(0, 0, *index)])
+
+
+class SlideInferer:
+    """A weakly-supervised localizer over whole slides. For each slide: a tissue mask from its lowest-resolution
+    level (Otsu on saturation), MONAI's ``PatchInferer`` over the tissue patches of the chosen level (batched, with an
+    overlap, a progress bar), and four files named after the slide in ``output_dir``:
+
+    - ``<stem>_map.tif``: the mask probability ``M`` (8-bit, ``round(255 M)``) as a pyramidal tiled TIFF;
+    - ``<stem>_thumbnail.png``: the slide and the map over it;
+    - ``<stem>.geojson``: the regions ``M >= threshold`` as polygons in level-0 pixels (QuPath imports them);
+    - ``<stem>.json``: the slide, the level and grid used, the patches run, seconds, the slide-level class
+      probabilities and how they were aggregated.
+
+    Each file is written under a temporary name and renamed when complete, the JSON last: a slide whose JSON exists
+    is done. The same network pass serves a region of a slide (:meth:`infer_region`, as MONAI Label's pathology
+    workflow sends it).
+
+    Args:
+        network: a ``WSLNet`` (or ``MaskOutput``) with ``predict(x) -> {"mask", "logits"}``.
+        output_dir: where the files go.
+        patch_size: the side of the patches the network sees (pixels of the level run).
+        overlap: the overlap of neighbouring patches (a fraction of the patch, or pixels); overlapping masks are
+            averaged.
+        level, mpp: the level to run at, or the microns per pixel to choose it by (``mpp`` wins when given).
+        batch_size: patches per forward pass.
+        preprocessing: the intensity transform of a ``(B, 3, H, W)`` uint8 batch (default: to [-1, 1], as the
+            bundle trains).
+        threshold: the mask threshold for the GeoJSON regions and the thumbnail's outline.
+        min_tissue: the fraction of a patch that must be tissue for it to run.
+        min_saturation: the lowest saturation counted as tissue (Otsu's threshold is used when higher).
+        merger: ``"auto"`` (in memory while the map's buffers fit in ``max_memory_mb``, else on disk), ``"memory"``
+            (``AvgMerger``) or ``"zarr"`` (``ZarrAvgMerger`` in a temporary folder of ``output_dir``).
+        max_memory_mb: see ``merger``.
+        backend: the ``WSIReader`` backend (``"openslide"``, ``"cucim"``).
+        class_names, positive_class: the classes, and the one whose probability is the slide's score.
+        region_name: the class name of the GeoJSON regions.
+        device, amp: where the network runs, and whether in mixed precision (CUDA only).
+        checkpoint: the model file, to warn when a model of the embedded synthetic set is used on slides.
+        progress: show a progress bar over the patches.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        output_dir: str | Path,
+        patch_size: int = 512,
+        overlap: float | int = 0.25,
+        level: int | None = 0,
+        mpp: float | None = None,
+        batch_size: int = 8,
+        preprocessing: Callable | None = None,
+        threshold: float = 0.5,
+        min_tissue: float = 0.05,
+        min_saturation: float = 0.07,
+        merger: str = "auto",
+        max_memory_mb: float = 2048,
+        backend: str = "openslide",
+        class_names: Sequence[str] = ("benign", "malignant"),
+        positive_class: int = 1,
+        region_name: str = "gland",
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        checkpoint: str | Path | None = None,
+        progress: bool = True,
+        thumbnail_size: int = 1024,
+        geojson_max_side: int = 4096,
+    ) -> None:
+        if merger not in ("auto", "memory", "zarr"):
+            raise ValueError(f"merger must be 'auto', 'memory' or 'zarr', not {merger!r}.")
+        self.network = network
+        self.output_dir = Path(output_dir)
+        self.patch_size = int(patch_size)
+        self.overlap = overlap
+        self.level, self.mpp = level, mpp
+        self.batch_size = int(batch_size)
+        self.preprocessing = preprocessing or ScaleIntensityRange(0, 255, -1.0, 1.0, clip=True)
+        self.threshold = float(threshold)
+        self.min_tissue, self.min_saturation = float(min_tissue), float(min_saturation)
+        self.merger, self.max_memory_mb = merger, float(max_memory_mb)
+        self.backend = backend
+        self.class_names, self.positive_class = list(class_names), int(positive_class)
+        self.region_name = region_name
+        self.device = torch.device(device) if device is not None else next(network.parameters()).device
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.thumbnail_size, self.geojson_max_side = int(thumbnail_size), int(geojson_max_side)
+        self._probs: list[torch.Tensor] = []
+        self._bar: Any = None
+        self._checked: list[Path] = []
+
+    # ------------------------------------------------------------------ checks
+    def check(self, slides: Sequence[str | Path]) -> None:
+        """Open every slide and check its level, the patch size and the output folder before anything runs; one
+        :class:`DataError` lists every problem (each names its file)."""
+        problems = []
+        for slide in slides:
+            try:
+                reader, wsi = open_slide(slide, self.backend)
+                level = choose_level(reader, wsi, slide, self.level, self.mpp)
+                h, w = reader.get_size(wsi, level)
+                if min(h, w) < self.network_min_size():
+                    problems.append(f"slide {slide}: level {level} is {w} x {h} pixels, under the network's minimum")
+            except DataError as e:
+                problems += e.problems
+        if self.patch_size < self.network_min_size():
+            problems.append(f"patch_size {self.patch_size} is under the network's minimum {self.network_min_size()}")
+        writable = _writable_problem(self.output_dir)
+        problems += [writable] if writable else []
+        stems = [Path(s).stem for s in slides]
+        problems += [
+            f"two slides are named {s!r}: their outputs would overwrite each other"
+            for s in sorted({s for s in stems if stems.count(s) > 1})
+        ]
+        if self.checkpoint is not None:
+            _warn_if_synthetic(self.checkpoint, None, list(slides))
+        if problems:
+            error = DataError(problems, "the slides")
+            logger.error(str(error))
+            raise error
+        self._checked = [Path(s) for s in slides]
+        logger.info("checked %d slide(s); outputs go to %s", len(slides), self.output_dir.resolve())
+
+    def network_min_size(self) -> int:
+        return int(getattr(self.network, "min_spatial_size", 1))
+
+    # ------------------------------------------------------------------ the network pass
+    @torch.no_grad()
+    def _forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.preprocessing(patches.to(self.device).float())
+        x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+        with torch.autocast("cuda") if self.amp else nullcontext():
+            out = self.network.predict(x)
+        self._probs.append(torch.softmax(out["logits"].float(), 1).cpu())
+        if self._bar is not None:
+            self._bar.update(len(patches))
+        return out["mask"].float().cpu()
+
+    def _patch_inferer(self, splitter: Any, merger_cls: Any = AvgMerger, **merger_kwargs: Any) -> PatchInferer:
+        return PatchInferer(
+            splitter=splitter,
+            merger_cls=merger_cls,
+            batch_size=self.batch_size,
+            match_spatial_shape=True,
+            **merger_kwargs,
+        )
+
+    def infer_region(
+        self, slide: str | Path, location: Sequence[int], size: Sequence[int], level: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """The mask of one region of a slide, by the same patches, network pass and merging as a whole slide:
+        ``location`` ``(x, y)`` in level-0 pixels, ``size`` ``(width, height)`` in pixels of ``level``. Returns
+        ``{"mask": (H, W) float32, "prob": (K,) float32}`` (the mean of the patches' class probabilities)."""
+        reader, wsi = open_slide(slide, self.backend)
+        level = choose_level(reader, wsi, slide, self.level if level is None else level, None)
+        image, _ = reader.get_data(
+            wsi, location=(int(location[1]), int(location[0])), size=(int(size[1]), int(size[0])), level=level
+        )
+        image = torch.tensor(np.asarray(image))[None]
+        self.network.eval()
+        self._probs = []
+        splitter = SlidingWindowSplitter(self.patch_size, overlap=self.overlap, pad_mode="constant", pad_value=255)
+        mask = self._patch_inferer(splitter)(image, self._forward)
+        return {"mask": mask[0, 0].numpy(), "prob": torch.cat(self._probs).mean(0).numpy()}
+
+    # ------------------------------------------------------------------ one slide
+    def _tissue(
+        self, reader: Any, wsi: Any, slide: Path, level_downsample: float
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        lowest = reader.get_level_count(wsi) - 1
+        h, w = reader.get_size(wsi, lowest)
+        if h * w > 2**26:
+            raise DataError(
+                [
+                    f"slide {slide} has no low-resolution level (its smallest is {w} x {h}): save it as a pyramidal "
+                    "tiled TIFF (e.g. vips tiffsave --tile --pyramid) so that the tissue can be found"
+                ]
+            )
+        rgb, _ = reader.get_data(wsi, location=(0, 0), size=(h, w), level=lowest)
+        rgb = np.moveaxis(np.asarray(rgb), 0, -1)[..., :3]
+        downsample = float(reader.get_downsample_ratio(wsi, lowest))
+        # no finer than 1024 pixels on the long side or 8 pixels a patch side, whichever is finer: enough to place
+        # every patch, and cheap on a slide whose lowest level is large
+        wanted = min(max(h, w) * downsample / 1024, self.patch_size * level_downsample / 8)  # level-0 pixels
+        if wanted > downsample * 1.25:
+            from PIL import Image
+
+            factor = wanted / downsample
+            size = (max(1, round(w / factor)), max(1, round(h / factor)))
+            rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.BILINEAR))
+            downsample *= w / size[0]
+        mask, threshold = tissue_mask(rgb, self.min_saturation)
+        return rgb, mask, downsample, threshold
+
+    def _merger(self, shape: tuple[int, int], workdir: str) -> tuple[Any, dict]:
+        need_mb = shape[0] * shape[1] * 8 / 2**20  # float32 values + float32 counts
+        if self.merger == "memory" or (self.merger == "auto" and need_mb <= self.max_memory_mb):
+            return AvgMerger, {}
+        import zarr
+
+        store_cls = getattr(zarr.storage, "LocalStore", None) or zarr.storage.DirectoryStore  # zarr 3, zarr 2
+        stores = {k: store_cls(os.path.join(workdir, f"{k}.zarr")) for k in ("out", "values", "counts")}
+        chunks = (1, 1, 1024, 1024)
+        return ZarrAvgMerger, {
+            "store": stores["out"],
+            "value_store": stores["values"],
+            "count_store": stores["counts"],
+            "chunks": chunks,
+            "count_dtype": "uint8",
+        }
+
+    def prepare(self, slide: str | Path) -> dict:
+        """Open a slide and plan its run: the level, its downsample and microns per pixel, the tissue mask (and the
+        low-resolution image it was found on) and the :class:`TissueWSISplitter` with its grid."""
+        slide = Path(slide)
+        reader, wsi = open_slide(slide, self.backend)
+        level = choose_level(reader, wsi, slide, self.level, self.mpp)
+        level_downsample = float(reader.get_downsample_ratio(wsi, level))
+        h0, w0 = reader.get_size(wsi, 0)
+        thumb, tissue, tissue_downsample, saturation = self._tissue(reader, wsi, slide, level_downsample)
+        try:
+            mpp: float | None = float(np.mean(reader.get_mpp(wsi, level)))
+        except Exception:
+            mpp = None
+        splitter = TissueWSISplitter(
+            self.patch_size,
+            self.overlap,
+            tissue,
+            tissue_downsample,
+            level_downsample,
+            self.min_tissue,
+            reader=self.backend,
+            level=level,
+        )
+        return {
+            "level": level,
+            "level_downsample": level_downsample,
+            "mpp": mpp,
+            "size_level0": (int(w0), int(h0)),
+            "thumbnail": thumb,
+            "tissue": tissue,
+            "saturation": saturation,
+            "splitter": splitter,
+            "plan": splitter.plan(str(slide)),
+        }
+
+    def __call__(self, slide: str | Path) -> dict:
+        """Run one slide; returns its summary (the content of ``<stem>.json``)."""
+        from tqdm.auto import tqdm
+
+        slide = Path(slide)
+        start = time.perf_counter()
+        setup = self.prepare(slide)
+        splitter, plan, shape = setup["splitter"], setup["plan"], setup["plan"]["shape"]
+        level, level_downsample, mpp = setup["level"], setup["level_downsample"], setup["mpp"]
+        thumb, tissue, saturation = setup["thumbnail"], setup["tissue"], setup["saturation"]
+        w0, h0 = setup["size_level0"]
+        n_run, n_all = len(plan["tissue_positions"]), len(plan["positions"])
+        stem = slide.stem
+        outputs = {
+            k: self.output_dir / f"{stem}{suffix}"
+            for k, suffix in (
+                ("map", "_map.tif"),
+                ("thumbnail", "_thumbnail.png"),
+                ("geojson", ".geojson"),
+                ("json", ".json"),
+            )
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix=f".{stem}.", dir=self.output_dir)
+        partial = {k: p.with_name(f".{p.name}.partial") for k, p in outputs.items()}
+        self.network.eval()
+        self._probs = []
+        try:
+            if n_run == 0:
+                logger.warning(
+                    f"slide {slide}: no tissue found (saturation threshold {saturation:.3f}, min_tissue "
+                    f"{self.min_tissue}): nothing was run and its map is empty. If the slide has tissue, lower "
+                    "--min_saturation or --min_tissue."
+                )
+                plane: Any = np.zeros(shape, np.float32)
+                merger_name = "none"
+            else:
+                merger_cls, kwargs = self._merger(shape, workdir)
+                merger_name = merger_cls.__name__
+                with tqdm(total=n_run, desc=f"{stem}", unit="patch", disable=not self.progress) as self._bar:
+                    with np.errstate(invalid="ignore"):  # 0 / 0 where no patch ran: NaN, written as 0
+                        merged = self._patch_inferer(splitter, merger_cls, **kwargs)(str(slide), self._forward)
+                self._bar = None
+                plane = merged[0, 0].numpy() if isinstance(merged, torch.Tensor) else _Plane(merged)
+            levels = write_pyramid_tiff(partial["map"], plane, mpp=mpp, workdir=workdir)
+            factor = max(1, int(np.ceil(max(shape) / self.geojson_max_side)))
+            small = downsample_mean(plane, factor) if factor > 1 else np.nan_to_num(np.asarray(plane[:, :]))
+            geojson = mask_to_geojson(small >= self.threshold, factor * level_downsample, self.region_name)
+            write_json_atomic(partial["geojson"], geojson)
+            self._thumbnail(partial["thumbnail"], thumb, small)
+            probs = torch.cat(self._probs).numpy() if self._probs else np.zeros((0, len(self.class_names)))
+            summary = {
+                "slide": str(slide.absolute()),
+                "size_level0": [int(w0), int(h0)],
+                "level": level,
+                "level_downsample": level_downsample,
+                "mpp": mpp,
+                "patch_size": self.patch_size,
+                "overlap": self.overlap,
+                "stride": self.patch_size
+                - (round(self.patch_size * self.overlap) if isinstance(self.overlap, float) else int(self.overlap)),
+                "patches_total": n_all,
+                "patches_run": n_run,
+                "tissue_fraction": float(tissue.mean()),
+                "tissue_saturation_threshold": saturation,
+                "merger": merger_name,
+                "map": {
+                    "file": outputs["map"].name,
+                    "levels": [list(s) for s in levels],
+                    "scale": 255,
+                    "downsample_level0": level_downsample,
+                },
+                "regions": {
+                    "file": outputs["geojson"].name,
+                    "count": len(geojson["features"]),
+                    "threshold": self.threshold,
+                    "downsample_level0": factor * level_downsample,
+                },
+                "class_names": self.class_names,
+                "slide_probability": probs.mean(0).round(6).tolist() if len(probs) else None,
+                "slide_max_probability": float(probs[:, self.positive_class].max()) if len(probs) else None,
+                "aggregation": "slide_probability: the mean over the patches run of each patch's class probabilities; "
+                f"slide_max_probability: the highest {self.class_names[self.positive_class]!r} probability of a patch",
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            write_json_atomic(partial["json"], summary)
+            for k in ("map", "thumbnail", "geojson", "json"):  # the JSON last: it marks a finished slide
+                os.replace(partial[k], outputs[k])
+        finally:
+            self._bar = None
+            for p in partial.values():
+                p.unlink(missing_ok=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+        logger.info(
+            f"{slide.name}: {n_run} of {n_all} patches on tissue run in {summary['seconds']} s; "
+            f"{len(geojson['features'])} region(s); files in {self.output_dir.resolve()}"
+        )
+        return summary
+
+    def _thumbnail(self, path: Path, rgb: np.ndarray, prob: np.ndarray) -> None:
+        from PIL import Image
+
+        from monai_wsl.visualize import COLORS, legend
+
+        image = Image.fromarray(rgb)
+        scale = self.thumbnail_size / max(image.size)
+        if scale < 1:
+            image = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
+            )
+        base = np.asarray(image, np.float32) / 255
+        p = np.asarray(Image.fromarray(prob.astype(np.float32)).resize(image.size, Image.BILINEAR))[..., None]
+        color = np.asarray(COLORS["pred"], np.float32)
+        over = base * (1 - 0.6 * p) + color * 0.6 * p
+        inside = p[..., 0] >= self.threshold
+        edge = inside & ~(
+            np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1)
+        )
+        over[edge] = color
+        gap = np.ones((base.shape[0], 4, 3), np.float32)
+        panels = np.concatenate([base, gap, over], 1)
+        key = legend(panels.shape[1], truth=False).permute(1, 2, 0).numpy()
+        out = np.concatenate([panels, key], 0)
+        Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8)).save(path, format="PNG", compress_level=1)
+
+    def run(self, slides: Sequence[str | Path]) -> list[dict]:
+        """Check all slides, then run each (see :meth:`__call__`)."""
+        slides = [Path(s) for s in slides]
+        if slides != self._checked:  # a configuration's initialize has usually checked them already
+            self.check(slides)
+        return [self(s) for s in slides]

