@@ -240,7 +240,7 @@ def test_background_is_skipped_and_outputs_describe_the_slide(tmp_path, net):
     from PIL import Image
 
     thumb = Image.open(tmp_path / "out" / "five_thumbnail.png")
-    assert thumb.width == 2 * 384 + 4 and thumb.height > 256  # its lowest level (384 x 256) | the map over it; the key
+    assert thumb.width == 2 * 1024 + 4 and thumb.height > 683  # the slide at 1024 x 683 | the regions over it; the key
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "five.geojson",
         "five.json",
@@ -431,3 +431,50 @@ def test_bundle_runs_a_real_svs_into_a_map_a_thumbnail_regions_and_a_summary(tmp
     log = result.stdout + result.stderr
     assert "broken.svs cannot be read" in log and "cmu.svs has no level 5" in log
     assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").glob("*.json"))
+
+
+def test_synthetic_slide_is_a_pyramid_openslide_reads_with_its_gland_mask(tmp_path):
+    from PIL import Image
+
+    from monai_wsl.data import write_synthetic_slide
+
+    path = write_synthetic_slide(tmp_path / "s.tif", rows=4, cols=6, tile=128, seed=1)
+    slide = openslide.OpenSlide(str(path))
+    assert slide.level_dimensions == ((768, 512), (384, 256))
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    rgb = np.asarray(slide.read_region((0, 0), 0, (768, 512)).convert("RGB"))
+    anno = np.asarray(Image.open(tmp_path / "s_anno.png")) > 0
+    assert anno.shape == (256, 384)
+    tissue, _ = tissue_mask(rgb)
+    per_tile = tissue.reshape(4, 128, 6, 128).mean((1, 3))
+    oval = per_tile > 0.5  # stained tiles (gland lumens are pale: not every pixel of a tile is tissue)
+    assert per_tile[~oval].max() < 0.01 and oval[1:3, 1:5].all() and not oval[0, 0] and oval.sum() < 24
+    glands = np.kron(anno, np.ones((2, 2), bool)).reshape(4, 128, 6, 128).any((1, 3))
+    assert glands[oval].all() and not glands[~oval].any()  # glands on every tissue tile, none on glass
+    assert write_synthetic_slide(path) == path and path.stat().st_mtime_ns == os.stat(path).st_mtime_ns  # kept
+
+
+def test_bundle_without_dataset_dir_runs_the_synthetic_slide(tmp_path, net):
+    """Right after the quick start: the whole-slide command without --dataset_dir writes the synthetic slide and runs
+    the model on it (here at its level 2, 768 x 512, to stay fast)."""
+    (tmp_path / "models").mkdir()
+    torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
+    configs = "['bundle/configs/inference.json','bundle/configs/inference_wsi.json']"
+    result = run_bundle(
+        "--config_file",
+        configs,
+        "--bundle_root",
+        str(tmp_path),
+        "--level",
+        "2",
+        "--patch_size",
+        "256",
+        "--overlap",
+        "0.0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "data" / "synthetic" / "slides" / "synthetic_slide.tif").is_file()
+    summary = json.loads((tmp_path / "inference" / "slides" / "synthetic_slide.json").read_text())
+    assert summary["level"] == 2 and summary["level_downsample"] == 4 and summary["patches_total"] == 6
+    assert 4 <= summary["patches_run"] <= 6  # the oval's corners are glass
+    assert tifffile.imread(tmp_path / "inference" / "slides" / "synthetic_slide_map.tif", key=0).shape == (512, 768)

@@ -22,6 +22,7 @@ from .slides import (
     otsu_threshold,
     tissue_mask,
     write_pyramid_tiff,
+    write_rgb_pyramid,
 )
 from .synthetic import (
     CLASS_NAMES,
@@ -29,5 +30,6 @@ from .synthetic import (
     synthetic_histology_sample,
     synthetic_volume_sample,
     write_synthetic_histology,
+    write_synthetic_slide,
     write_synthetic_volumes,
 )

@@ -160,7 +160,7 @@ def _warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, imag
         return
     synthetic = Path(trained_on.get("datalist", "")).parent.resolve()
     used = [Path(datalist).parent] if datalist else [Path(i).parent for i in images]
-    if any(p.resolve() != synthetic for p in used):
+    if any(not p.resolve().is_relative_to(synthetic) for p in used):  # the synthetic slide lives in its folder
         logger.warning(
             f"{checkpoint} was trained on the embedded synthetic set ({synthetic}), not on histology images: its masks "
             "and classes on these images mean nothing. Train on your data first (bundle/docs/README.md, Train)."

@@ -29,6 +29,7 @@ __all__ = [
     "tissue_mask",
     "downsample_mean",
     "write_pyramid_tiff",
+    "write_rgb_pyramid",
     "mask_to_geojson",
 ]
 
@@ -248,6 +249,35 @@ def write_pyramid_tiff(
             )
             shapes.append((h, w))
     return shapes
+
+
+def write_rgb_pyramid(path: str | Path, rgb: np.ndarray, tile: int = 256, mpp: float | None = 0.5) -> list:
+    """An ``(H, W, 3)`` uint8 image as a pyramidal tiled TIFF the way scanners write slides (one page a level,
+    halving by 2 x 2 means until the long side is at most 512, deflate, the pixel size): OpenSlide reads it as a
+    slide. Returns the levels' ``(height, width)``."""
+    import tifffile
+
+    shapes = []
+    level = np.asarray(rgb, np.uint8)
+    with tifffile.TiffWriter(path, bigtiff=level.nbytes > 2**31) as tif:
+        factor = 1
+        while True:
+            res = {"resolution": (1e4 / (mpp * factor),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
+            tif.write(
+                level,
+                tile=(tile, tile),
+                compression="zlib",
+                photometric="rgb",
+                subfiletype=1 if factor > 1 else 0,
+                metadata=None,
+                **res,
+            )
+            shapes.append(level.shape[:2])
+            if max(level.shape[:2]) <= 512:
+                return shapes
+            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+            level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)).round().astype(np.uint8)
+            factor *= 2
 
 
 def _ring_area(ring: np.ndarray) -> float:

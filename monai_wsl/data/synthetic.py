@@ -22,6 +22,7 @@ __all__ = [
     "make_synthetic_histology",
     "write_synthetic_histology",
     "write_synthetic_volumes",
+    "write_synthetic_slide",
     "CLASS_NAMES",
 ]
 
@@ -234,3 +235,39 @@ def write_synthetic_volumes(
 ) -> Path:
     """The 3D set (:func:`synthetic_volume_sample`) as NIfTI files and a datalist in ``out_dir`` (see ``_write``)."""
     return _write(out_dir, synthetic_volume_sample, ".nii.gz", _save_nifti, num_train, num_valid, size, seed)
+
+
+def write_synthetic_slide(
+    path: str | Path, rows: int = 8, cols: int = 12, tile: int = 256, seed: int = 0, mpp: float = 0.5
+) -> Path:
+    """A whole-slide image made of the synthetic set: an oval of tissue on glass, ``rows x cols`` images of ``tile``
+    pixels (:func:`synthetic_histology_sample`), benign everywhere but a malignant focus, written as a pyramidal tiled
+    TIFF (:func:`~monai_wsl.data.slides.write_rgb_pyramid`) that OpenSlide reads, with its ground-truth gland mask
+    beside it (``<stem>_anno.png`` at the slide's lowest level). An existing file is kept. For the whole-slide quick
+    start: the quick-start model on a slide, where the glands it was trained to find are."""
+    from PIL import Image
+
+    from .slides import write_rgb_pyramid
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(seed)
+    h, w = rows * tile, cols * tile
+    rgb = np.full((h, w, 3), 242, np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    cy, cx = (rows - 1) / 2, (cols - 1) / 2
+    focus = (rows * 0.35, cols * 0.7)  # the malignant focus
+    for r in range(rows):
+        for c in range(cols):
+            if ((r - cy) / (rows / 2)) ** 2 + ((c - cx) / (cols / 2)) ** 2 > 1.0:
+                continue  # glass
+            malignant = ((r - focus[0]) / 1.6) ** 2 + ((c - focus[1]) / 2.2) ** 2 <= 1.0
+            image, glands = synthetic_histology_sample(int(malignant), (tile, tile), rng)
+            rgb[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = image
+            mask[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = glands
+    path.parent.mkdir(parents=True, exist_ok=True)
+    levels = write_rgb_pyramid(path, rgb, mpp=mpp)
+    lh, lw = levels[-1]
+    Image.fromarray(mask * 255).resize((lw, lh), Image.NEAREST).save(path.with_name(f"{path.stem}_anno.png"))
+    return path

@@ -129,12 +129,13 @@ class _Plane:
 
 
 class SlideInferer:
-    """A weakly-supervised localizer over whole slides. For each slide: a tissue mask from its lowest-resolution
-    level (Otsu on saturation), MONAI's ``PatchInferer`` over the tissue patches of the chosen level (batched, with an
-    overlap, a progress bar), and four files named after the slide in ``output_dir``:
+    """A weakly-supervised localizer over whole slides. For each slide: a tissue mask from a low-resolution level
+    (the smallest of at least ``thumbnail_size`` pixels; Otsu on saturation), MONAI's ``PatchInferer`` over the
+    tissue patches of the chosen level (batched, with an overlap, a progress bar), and four files named after the
+    slide in ``output_dir``:
 
     - ``<stem>_map.tif``: the mask probability ``M`` (8-bit, ``round(255 M)``) as a pyramidal tiled TIFF;
-    - ``<stem>_thumbnail.png``: the slide and the map over it;
+    - ``<stem>_thumbnail.png``: the slide and the regions ``M >= threshold`` over it;
     - ``<stem>.geojson``: the regions ``M >= threshold`` as polygons in level-0 pixels (QuPath imports them);
     - ``<stem>.json``: the slide, the level and grid used, the patches run, seconds, the slide-level class
       probabilities and how they were aggregated.
@@ -295,7 +296,10 @@ class SlideInferer:
     def _tissue(
         self, reader: Any, wsi: Any, slide: Path, level_downsample: float
     ) -> tuple[np.ndarray, np.ndarray, float, float]:
-        lowest = reader.get_level_count(wsi) - 1
+        # the smallest level of at least `thumbnail_size` pixels on its long side (else the largest level): the
+        # picture for the thumbnail, and where the tissue is found
+        n = reader.get_level_count(wsi)
+        lowest = next((i for i in reversed(range(n)) if max(reader.get_size(wsi, i)) >= self.thumbnail_size), 0)
         h, w = reader.get_size(wsi, lowest)
         if h * w > 2**26:
             raise DataError(
@@ -483,10 +487,11 @@ class SlideInferer:
                 (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
             )
         base = np.asarray(image, np.float32) / 255
-        p = np.asarray(Image.fromarray(prob.astype(np.float32)).resize(image.size, Image.BILINEAR))[..., None]
+        p = np.asarray(Image.fromarray(prob.astype(np.float32)).resize(image.size, Image.BILINEAR))
         color = np.asarray(COLORS["pred"], np.float32)
-        over = base * (1 - 0.6 * p) + color * 0.6 * p
-        inside = p[..., 0] >= self.threshold
+        inside = p >= self.threshold  # the predicted region, tinted as in the bundle's other overlays
+        over = base.copy()
+        over[inside] = 0.55 * base[inside] + 0.45 * color
         edge = inside & ~(
             np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1)
         )
