@@ -478,3 +478,23 @@ def test_bundle_without_dataset_dir_runs_the_synthetic_slide(tmp_path, net):
     assert summary["level"] == 2 and summary["level_downsample"] == 4 and summary["patches_total"] == 6
     assert 4 <= summary["patches_run"] <= 6  # the oval's corners are glass
     assert tifffile.imread(tmp_path / "inference" / "slides" / "synthetic_slide_map.tif", key=0).shape == (512, 768)
+
+
+def test_a_slide_that_fails_midway_leaves_nothing_and_the_others_finish(tmp_path, net, monkeypatch):
+    tissue = [(0, 0, 256, 256, tissue_texture(256, 256))]
+    first = write_slide(tmp_path / "first.tif", shape=(512, 512), blocks=tissue)
+    second = write_slide(tmp_path / "second.tif", shape=(512, 512), blocks=tissue)
+    inferer = SlideInferer(net, tmp_path / "out", patch_size=256, progress=False)
+    forward, calls = inferer._forward, []
+
+    def failing(patches):  # the first slide's network pass fails (as a damaged tile or a full GPU would)
+        calls.append(len(patches))
+        if len(calls) == 1:
+            raise OSError("damaged tile")
+        return forward(patches)
+
+    monkeypatch.setattr(inferer, "_forward", failing)
+    with pytest.raises(RuntimeError, match=r"(?s)1 of 2 slide\(s\) failed.*first.tif: OSError: damaged tile"):
+        inferer.run([first, second])
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["second.geojson", "second.json", "second_map.tif", "second_thumbnail.png"]

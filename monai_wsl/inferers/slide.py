@@ -503,8 +503,20 @@ class SlideInferer:
         Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8)).save(path, format="PNG", compress_level=1)
 
     def run(self, slides: Sequence[str | Path]) -> list[dict]:
-        """Check all slides, then run each (see :meth:`__call__`)."""
+        """Check all slides (unless :meth:`check` has just checked these), then run each (see :meth:`__call__`); a
+        slide that fails is reported and the others run, then a ``RuntimeError`` lists the failures."""
         slides = [Path(s) for s in slides]
-        if slides != self._checked:  # a configuration's initialize has usually checked them already
+        if slides != self._checked:
             self.check(slides)
-        return [self(s) for s in slides]
+        summaries, failed = [], []
+        for slide in slides:  # a slide that fails (a damaged tile, a full disk) does not stop the others
+            try:
+                summaries.append(self(slide))
+            except Exception as e:
+                logger.error(f"slide {slide} failed ({type(e).__name__}: {e}); nothing of it was written")
+                failed.append(f"{slide}: {type(e).__name__}: {e}")
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} of {len(slides)} slide(s) failed, the others are done:\n  " + "\n  ".join(failed)
+            )
+        return summaries
