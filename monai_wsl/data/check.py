@@ -101,9 +101,8 @@ def inspect_image(
         return f"{role} {path} has {count} non-finite pixel value(s) (NaN or Inf): fix or drop the image", size
     if min(size) < min_size:
         return (
-            f"{role} {path} is {' x '.join(map(str, size[1::-1] + size[2:]))} pixels; the network needs at least "
-            f"{min_size} on each side: "
-            "drop it or resize it"
+            f"{role} {path} is {' x '.join(map(str, size[::-1] if spatial_dims == 2 else size))} pixels; the network "
+            f"needs at least {min_size} on each side: drop it or resize it"
         ), size
     return None, size
 
