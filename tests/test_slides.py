@@ -135,6 +135,33 @@ def test_geojson_polygons_with_holes_cover_the_mask_in_level0_pixels():
     )
 
 
+def test_regions_touching_at_a_corner_are_two_polygons():
+    mask = np.zeros((12, 12), bool)
+    mask[1:4, 1:4] = True
+    mask[4:8, 4:8] = True  # touches the first square at one corner only
+    geo = mask_to_geojson(mask, downsample=1.0, tolerance=0)
+    areas = sorted(f["properties"]["area_px"] for f in geo["features"])
+    assert areas == pytest.approx([9, 16], abs=0.5)  # marching squares cut each convex corner by 1/8 of a pixel
+    assert all(len(f["geometry"]["coordinates"]) == 1 for f in geo["features"])  # no ring taken for a hole
+
+
+def test_downsample_mean_by_blocks_equals_the_plain_mean():
+    from monai_wsl.data import downsample_mean
+
+    rng = np.random.default_rng(0)
+    source = rng.random((100, 131)).astype(np.float32)
+    source[3, 4] = np.nan  # counts as 0
+    filled = np.nan_to_num(source)
+    for factor in (2, 7, 25):
+        expected = np.array(
+            [
+                [filled[y : y + factor, x : x + factor].mean() for x in range(0, 131, factor)]
+                for y in range(0, 100, factor)
+            ]
+        )  # edge blocks: the mean of the pixels they have
+        assert np.allclose(downsample_mean(source, factor, tile=40), expected, atol=1e-6)
+
+
 def test_pyramid_tiff_holds_the_map_at_every_level_and_openslide_reads_it(tmp_path):
     rng = np.random.default_rng(0)
     prob = rng.random((700, 1100)).astype(np.float32)
@@ -251,15 +278,31 @@ def test_background_is_skipped_and_outputs_describe_the_slide(tmp_path, net):
 
 def test_region_inference_is_the_slide_map_over_that_region(tmp_path, net, glas_image):
     """MONAI Label's pathology workflow sends a region (location, size, level): its mask comes from the same patches,
-    network pass and merging as the whole slide's map."""
-    image = glas_image
-    slide = write_slide(tmp_path / "s.tif", shape=(1024, 1024), blocks=[(256, 256, 512, 512, image)])
-    inferer = SlideInferer(net, tmp_path / "out", patch_size=256, overlap=0.0, progress=False)
+    network pass and merging as the whole slide's map. At level 1, on a region wider than high and away from the
+    diagonal, so that an x / y swap or a level-scaling error would show."""
+    image = np.concatenate([glas_image, glas_image[:, :256]], 1)  # 512 high, 768 wide
+    slide = write_slide(tmp_path / "s.tif", shape=(1024, 1536), blocks=[(256, 512, 512, 768, image)])
+    inferer = SlideInferer(net, tmp_path / "out", patch_size=128, overlap=0.0, level=1, progress=False)
     inferer.run([slide])
-    out = inferer.infer_region(slide, location=(256, 256), size=(512, 512), level=0)
-    level0 = tifffile.imread(tmp_path / "out" / "s_map.tif", key=0).astype(float)
-    assert out["mask"].shape == (512, 512) and out["prob"].shape == (2,)
-    assert np.abs(np.rint(out["mask"] * 255) - level0[256:768, 256:768]).max() == 0
+    out = inferer.infer_region(slide, location=(512, 256), size=(384, 256))  # level 1: x 256:640, y 128:384
+    level1 = tifffile.imread(tmp_path / "out" / "s_map.tif", key=0).astype(float)
+    assert level1.shape == (512, 768) and out["mask"].shape == (256, 384) and out["prob"].shape == (2,)
+    assert np.abs(np.rint(out["mask"] * 255) - level1[128:384, 256:640]).max() == 0
+    assert level1[128:384, 256:640].std() > 5
+
+
+def test_border_patches_see_glass_beyond_the_slide(tmp_path):
+    from monai_wsl.inferers import TissueWSISplitter
+
+    rgb = tissue_texture(300, 400)
+    slide = write_slide(tmp_path / "s.tif", rgb)
+    splitter = TissueWSISplitter(256, 0.0, tissue=None, reader="OpenSlide", level=0)
+    patches = dict((tuple(loc), p[0].numpy()) for p, loc in splitter(str(slide)))
+    assert sorted(patches) == [(0, 0), (0, 256), (256, 0), (256, 256)]
+    corner = patches[(256, 256)]  # rows 256:300 and cols 256:400 are on the slide
+    assert (corner[:, 44:, :] == 255).all() and (corner[:, :, 144:] == 255).all()
+    assert (np.moveaxis(corner[:, :44, :144], 0, -1) == rgb[256:300, 256:400]).all()
+    assert (np.moveaxis(patches[(0, 0)], 0, -1) == rgb[:256, :256]).all()
 
 
 def test_bad_slides_are_refused_before_anything_runs(tmp_path, net):

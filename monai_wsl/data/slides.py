@@ -28,6 +28,7 @@ __all__ = [
     "otsu_threshold",
     "tissue_mask",
     "downsample_mean",
+    "ZeroMap",
     "write_pyramid_tiff",
     "write_rgb_pyramid",
     "mask_to_geojson",
@@ -154,27 +155,37 @@ def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.07) -> tuple[np.ndarr
     return saturation > threshold, threshold
 
 
-def downsample_mean(source: Any, factor: int, tile: int = 1024, out: Any = None) -> Any:
+def downsample_mean(source: Any, factor: int, tile: int = 2048, out: Any = None) -> Any:
     """``source`` (``(H, W)``, a NumPy or zarr array; NaN counts as 0) averaged over ``factor x factor`` blocks,
-    read ``tile x tile`` output pixels at a time into ``out`` (a new NumPy array when not given; a zarr array keeps a
-    large result on disk): the memory used is that of a few tiles, whatever the map's size."""
+    read about ``tile x tile`` source pixels at a time into ``out`` (a new NumPy array when not given; a zarr array
+    keeps a large result on disk): the memory used is that of a few such blocks, whatever the map's size and the
+    factor."""
     h, w = source.shape[-2:]
     oh, ow = -(-h // factor), -(-w // factor)
     out = np.zeros((oh, ow), np.float32) if out is None else out
-    for y in range(0, oh, tile):
-        for x in range(0, ow, tile):
-            block = np.nan_to_num(
-                np.asarray(source[y * factor : (y + tile) * factor, x * factor : (x + tile) * factor])
-            )
+    step = max(1, tile // factor)  # output pixels a block
+    for y in range(0, oh, step):
+        for x in range(0, ow, step):
+            block = np.array(source[y * factor : (y + step) * factor, x * factor : (x + step) * factor], np.float32)
+            np.nan_to_num(block, copy=False)
             bh, bw = -(-block.shape[0] // factor), -(-block.shape[1] // factor)
-            padded = np.zeros((bh * factor, bw * factor), np.float32)
-            padded[: block.shape[0], : block.shape[1]] = block
-            weight = np.zeros_like(padded)
-            weight[: block.shape[0], : block.shape[1]] = 1
-            sums = padded.reshape(bh, factor, bw, factor).sum((1, 3))
-            counts = weight.reshape(bh, factor, bw, factor).sum((1, 3))
-            out[y : y + bh, x : x + bw] = sums / counts
+            pad = ((0, bh * factor - block.shape[0]), (0, bw * factor - block.shape[1]))
+            sums = np.pad(block, pad).reshape(bh, factor, bw, factor).sum((1, 3))
+            rows = np.minimum(factor, block.shape[0] - factor * np.arange(bh))  # pixels of each output row / col
+            cols = np.minimum(factor, block.shape[1] - factor * np.arange(bw))
+            out[y : y + bh, x : x + bw] = sums / np.outer(rows, cols)
     return out
+
+
+class ZeroMap:
+    """An ``(H, W)`` map of zeros that holds no memory: the map of a slide where nothing ran."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = tuple(shape)
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        sizes = [len(range(*s.indices(n))) for s, n in zip(index, self.shape)]
+        return np.zeros(sizes, np.float32)
 
 
 #: levels of more pixels than this are computed into zarr arrays on disk when the map itself is on disk
@@ -301,7 +312,8 @@ def mask_to_geojson(
     from skimage.measure import approximate_polygon, find_contours, label, regionprops
 
     features = []
-    labels = label(np.asarray(mask, bool), connectivity=2)
+    # edge-connected regions, as find_contours traces them (two regions touching at a corner are two polygons)
+    labels = label(np.asarray(mask, bool), connectivity=1)
     for region in regionprops(labels):
         r0, c0, r1, c1 = region.bbox
         component = np.pad(labels[r0:r1, c0:c1] == region.label, 1)
@@ -343,6 +355,9 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary name beside ``path``, then rename: never a half-written file under ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

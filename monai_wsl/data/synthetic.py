@@ -12,6 +12,7 @@ the region that decides the label.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -250,7 +251,8 @@ def write_synthetic_slide(
     from .slides import write_rgb_pyramid
 
     path = Path(path)
-    if path.is_file():
+    anno = path.with_name(f"{path.stem}_anno.png")
+    if path.is_file() and anno.is_file():
         return path
     rng = np.random.default_rng(seed)
     h, w = rows * tile, cols * tile
@@ -267,7 +269,12 @@ def write_synthetic_slide(
             rgb[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = image
             mask[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = glands
     path.parent.mkdir(parents=True, exist_ok=True)
-    levels = write_rgb_pyramid(path, rgb, mpp=mpp)
-    lh, lw = levels[-1]
-    Image.fromarray(mask * 255).resize((lw, lh), Image.NEAREST).save(path.with_name(f"{path.stem}_anno.png"))
+    partial = path.with_name(f".{path.name}.partial")
+    try:  # the mask first, the slide renamed into place last: a slide file is always complete and has its mask
+        levels = write_rgb_pyramid(partial, rgb, mpp=mpp)
+        lh, lw = levels[-1]
+        Image.fromarray(mask * 255).resize((lw, lh), Image.NEAREST).save(anno)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path

@@ -22,6 +22,7 @@ from monai.transforms import ScaleIntensityRange
 
 from monai_wsl.data.check import DataError, _warn_if_synthetic, _writable_problem
 from monai_wsl.data.slides import (
+    ZeroMap,
     choose_level,
     downsample_mean,
     mask_to_geojson,
@@ -228,8 +229,11 @@ class SlideInferer:
                 reader, wsi = open_slide(slide, self.backend)
                 level = choose_level(reader, wsi, slide, self.level, self.mpp)
                 h, w = reader.get_size(wsi, level)
-                if min(h, w) < self.network_min_size():
-                    problems.append(f"slide {slide}: level {level} is {w} x {h} pixels, under the network's minimum")
+                if min(h, w) < self.patch_size:
+                    problems.append(
+                        f"slide {slide}: level {level} is {w} x {h} pixels, smaller than a patch ({self.patch_size}): "
+                        "pass a smaller --patch_size or a finer --level"
+                    )
             except DataError as e:
                 problems += e.problems
         if self.patch_size < self.network_min_size():
@@ -277,15 +281,29 @@ class SlideInferer:
     def infer_region(
         self, slide: str | Path, location: Sequence[int], size: Sequence[int], level: int | None = None
     ) -> dict[str, np.ndarray]:
-        """The mask of one region of a slide, by the same patches, network pass and merging as a whole slide:
-        ``location`` ``(x, y)`` in level-0 pixels, ``size`` ``(width, height)`` in pixels of ``level``. Returns
-        ``{"mask": (H, W) float32, "prob": (K,) float32}`` (the mean of the patches' class probabilities)."""
+        """The mask of one region of a slide (as MONAI Label's pathology workflow sends it from a viewer), by the same
+        patch size, overlap, preprocessing, network pass and merging as a whole slide: ``location`` ``(x, y)`` in
+        level-0 pixels, ``size`` ``(width, height)`` in pixels of ``level`` (default: the level the slide runs at,
+        ``level`` or ``mpp``). The patches start at the region's corner and all run (the region was asked for);
+        pixels beyond the slide are glass (white). On a region that starts on the slide's patch grid it equals the
+        slide's map there. Returns ``{"mask": (H, W) float32, "prob": (K,) float32}`` (the mean of the patches' class
+        probabilities)."""
         reader, wsi = open_slide(slide, self.backend)
-        level = choose_level(reader, wsi, slide, self.level if level is None else level, None)
+        if level is None:
+            level = choose_level(reader, wsi, slide, self.level, self.mpp)
+        else:
+            level = choose_level(reader, wsi, slide, level, None)
         image, _ = reader.get_data(
             wsi, location=(int(location[1]), int(location[0])), size=(int(size[1]), int(size[0])), level=level
         )
-        image = torch.tensor(np.asarray(image))[None]
+        image = np.array(image)
+        h, w = reader.get_size(wsi, level)
+        downsample = float(reader.get_downsample_ratio(wsi, level))
+        inside_h = max(0, min(int(size[1]), h - round(location[1] / downsample)))
+        inside_w = max(0, min(int(size[0]), w - round(location[0] / downsample)))
+        image[:, inside_h:, :] = 255
+        image[:, :, inside_w:] = 255
+        image = torch.from_numpy(image)[None]
         self.network.eval()
         self._probs = []
         splitter = SlidingWindowSplitter(self.patch_size, overlap=self.overlap, pad_mode="constant", pad_value=255)
@@ -410,7 +428,7 @@ class SlideInferer:
                     f"{self.min_tissue}): nothing was run and its map is empty. If the slide has tissue, lower "
                     "--min_saturation or --min_tissue."
                 )
-                plane: Any = np.zeros(shape, np.float32)
+                plane: Any = ZeroMap(shape)
                 merger_name = "none"
             else:
                 merger_cls, kwargs = self._merger(shape, workdir)
@@ -513,7 +531,9 @@ class SlideInferer:
             try:
                 summaries.append(self(slide))
             except Exception as e:
-                logger.error(f"slide {slide} failed ({type(e).__name__}: {e}); nothing of it was written")
+                logger.error(
+                    f"slide {slide} failed ({type(e).__name__}: {e}); nothing of it was written", exc_info=True
+                )
                 failed.append(f"{slide}: {type(e).__name__}: {e}")
         if failed:
             raise RuntimeError(
