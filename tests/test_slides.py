@@ -416,20 +416,8 @@ def test_bundle_runs_a_real_svs_into_a_map_a_thumbnail_regions_and_a_summary(tmp
     torch.save(net.state_dict(), checkpoint)
     out = tmp_path / "out"
     configs = "['bundle/configs/inference.json','bundle/configs/inference_wsi.json']"
-    result = run_bundle(
-        "--config_file",
-        configs,
-        "--dataset_dir",
-        str(slides),
-        "--checkpoint",
-        str(checkpoint),
-        "--output_dir",
-        str(out),
-        "--patch_size",
-        "256",
-        "--overlap",
-        "0.0",
-    )
+    common = ["--config_file", configs, "--dataset_dir", str(slides), "--checkpoint", str(checkpoint)]
+    result = run_bundle(*common, "--output_dir", str(out), "--patch_size", "256", "--overlap", "0.0")
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     summary = json.loads((out / "cmu.json").read_text())
@@ -458,18 +446,7 @@ def test_bundle_runs_a_real_svs_into_a_map_a_thumbnail_regions_and_a_summary(tmp
 
     # bad input through the bundle: exit code 1, the file named, nothing written
     (slides / "broken.svs").write_bytes(b"\x00" * 100)
-    result = run_bundle(
-        "--config_file",
-        configs,
-        "--dataset_dir",
-        str(slides),
-        "--checkpoint",
-        str(checkpoint),
-        "--output_dir",
-        str(tmp_path / "out2"),
-        "--level",
-        "5",
-    )
+    result = run_bundle(*common, "--output_dir", str(tmp_path / "out2"), "--level", "5")
     assert result.returncode == 1
     log = result.stdout + result.stderr
     assert "broken.svs cannot be read" in log and "cmu.svs has no level 5" in log
