@@ -317,6 +317,8 @@ def test_bad_slides_are_refused_before_anything_runs(tmp_path, net):
     assert "notes.svs cannot be read" in text
     assert "good.tif has no level 3: it has 1 level(s) (width x height: 0: (512, 512))" in text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with pytest.raises(DataError, match=r"good.tif: level 0 is 512 x 512 pixels, smaller than a patch \(1024\)"):
+        SlideInferer(net, tmp_path / "out", patch_size=1024, progress=False).run([good])
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output folder should be")
     with pytest.raises(DataError, match="not writable"):
