@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["default_bundle_root", "list_images", "report_outputs", "IMAGE_SUFFIXES"]
+__all__ = ["default_bundle_root", "list_images", "report_outputs", "write_json_atomic", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
 
@@ -60,3 +64,16 @@ def report_outputs(folder: str | Path, what: str) -> None:
             kinds[key] = kinds.get(key, 0) + 1
     listing = ", ".join(f"{k} ({n})" for k, n in kinds.items())
     logging.getLogger("monai_wsl").info(f"{what}: the results are in {folder}, which holds {listing}")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it: ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -9,7 +9,6 @@ is handled in bounded memory.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -349,15 +348,3 @@ def mask_to_geojson(
             }
         )
     return {"type": "FeatureCollection", "features": features}
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary name beside ``path``, then rename: never a half-written file under ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

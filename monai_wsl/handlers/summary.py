@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+
+from monai_wsl.utils import write_json_atomic
 
 __all__ = ["TrainingSummary", "MODEL_CARD", "read_model_card"]
 
@@ -77,11 +77,7 @@ class TrainingSummary:
             "validation": metrics,
             "trained_on": self.trained_on,
         }
-        self.model_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_CARD}.", dir=self.model_file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(card, f, indent=1)
-        os.replace(tmp, self.model_file.with_name(MODEL_CARD))
+        write_json_atomic(self.model_file.with_name(MODEL_CARD), card)
 
     def __call__(self, engine: Engine) -> None:
         if self.selected is None:

@@ -4,6 +4,7 @@ and the map handed on as files viewers open."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,7 +29,6 @@ from monai_wsl.data.slides import (
     mask_to_geojson,
     open_slide,
     tissue_mask,
-    write_json_atomic,
     write_pyramid_tiff,
 )
 
@@ -442,7 +442,7 @@ class SlideInferer:
             factor = max(1, int(np.ceil(max(shape) / self.geojson_max_side)))
             small = downsample_mean(plane, factor) if factor > 1 else np.nan_to_num(np.asarray(plane[:, :]))
             geojson = mask_to_geojson(small >= self.threshold, factor * level_downsample, self.region_name)
-            write_json_atomic(partial["geojson"], geojson)
+            partial["geojson"].write_text(json.dumps(geojson))  # renamed into place below
             self._thumbnail(partial["thumbnail"], thumb, small)
             probs = torch.cat(self._probs).numpy() if self._probs else np.zeros((0, len(self.class_names)))
             summary = {
@@ -479,7 +479,7 @@ class SlideInferer:
                 f"slide_max_probability: the highest {self.class_names[self.positive_class]!r} probability of a patch",
                 "seconds": round(time.perf_counter() - start, 2),
             }
-            write_json_atomic(partial["json"], summary)
+            partial["json"].write_text(json.dumps(summary, indent=1))
             for k in ("map", "thumbnail", "geojson", "json"):  # the JSON last: it marks a finished slide
                 os.replace(partial[k], outputs[k])
         finally:
@@ -497,6 +497,7 @@ class SlideInferer:
         from PIL import Image
 
         from monai_wsl.visualize import COLORS, legend
+        from monai_wsl.visualize.overlay import _contour
 
         image = Image.fromarray(rgb)
         scale = self.thumbnail_size / max(image.size)
@@ -510,9 +511,7 @@ class SlideInferer:
         inside = p >= self.threshold  # the predicted region, tinted as in the bundle's other overlays
         over = base.copy()
         over[inside] = 0.55 * base[inside] + 0.45 * color
-        edge = inside & ~(
-            np.roll(inside, 1, 0) & np.roll(inside, -1, 0) & np.roll(inside, 1, 1) & np.roll(inside, -1, 1)
-        )
+        edge = _contour(torch.from_numpy(inside)).numpy()
         over[edge] = color
         gap = np.ones((base.shape[0], 4, 3), np.float32)
         panels = np.concatenate([base, gap, over], 1)
