@@ -113,6 +113,12 @@ class EpochSplit:
         data, steps = p.dataflow_times[self._seen["data"] :], p.processing_times[self._seen["step"] :]
         self._seen = {"data": len(p.dataflow_times), "step": len(p.processing_times)}
         self.epochs.append({"data": float(sum(data)), "steps": float(sum(steps)), "_start": self._epoch_start})
+        v = self.validations[-1] if len(self.validations) == len(self.epochs) else {}
+        print(
+            f"epoch {len(self.epochs)}: {time.perf_counter() - self._epoch_start:.2f} s (data {sum(data):.2f}, "
+            f"steps {sum(steps):.2f}, validation {sum(v.values()):.2f})",
+            flush=True,
+        )
 
     def rows(self) -> list[dict[str, float]]:
         """One dict per epoch; the epoch's wall time is measured from its start to the end of all its handlers."""
@@ -224,11 +230,10 @@ def print_recipe(r: dict, epochs: int) -> None:
 # ------------------------------------------------------------------------------------------------- one step
 
 
-def time_training_steps(net, loss_fn, x, y, steps: int, warmup: int, amp: bool) -> float:
+def time_training_steps(net, loss_fn, x, y, steps: int, warmup: int, amp: bool, dtype: torch.dtype) -> float:
     """Seconds per training step (median over ``steps`` after ``warmup`` steps)."""
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
     device = x.device
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
     net.train()
     times = []
@@ -258,6 +263,8 @@ def run_step(args) -> dict:
     y = torch.randint(0, 2, (args.batch,), device=dev)
     maxmin = MaxMinUncertaintyNet(encoder=args.encoder).to(dev, memory_format=memory_format)
     plain = CAMClassifier(encoder=args.encoder, pooling="avg").to(dev, memory_format=memory_format)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp_dtype]
+    dtype = dtype or (torch.bfloat16 if dev.type == "cpu" else torch.float16)
     results = {}
     # Alternate the two models so that a slow phase of the machine hits both.
     for _ in range(2):
@@ -265,13 +272,13 @@ def run_step(args) -> dict:
             ("plain", plain, WSLCrossEntropyLoss()),
             ("maxmin", maxmin, MaxMinUncertaintyLoss()),
         ):
-            seconds = time_training_steps(net, loss_fn, x, y, args.steps, args.warmup, args.amp)
+            seconds = time_training_steps(net, loss_fn, x, y, args.steps, args.warmup, args.amp, dtype)
             results[name] = min(results.get(name, seconds), seconds)
     return {
         "device": _device_name(dev),
         "encoder": args.encoder,
         "input": [args.batch, 3, args.size, args.size],
-        "amp": args.amp,
+        "amp": str(dtype).replace("torch.", "") if args.amp else False,
         "plain_images_per_s": args.batch / results["plain"],
         "maxmin_images_per_s": args.batch / results["maxmin"],
         "time_ratio": results["maxmin"] / results["plain"],
@@ -297,6 +304,7 @@ def run_wsi(args) -> dict:
         overlap=args.overlap,
         level=args.level,
         batch_size=args.batch,
+        num_workers=args.num_workers,
         device=dev,
         amp=args.amp,
         progress=False,
@@ -355,7 +363,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (--amp-dtype)")
+    parser.add_argument(
+        "--amp-dtype",
+        choices=["bf16", "fp16"],
+        help="--amp's type (default: bf16 on CPU, fp16 with a GradScaler on CUDA, as the bundle trains)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true")

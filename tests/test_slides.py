@@ -305,6 +305,27 @@ def test_border_patches_see_glass_beyond_the_slide(tmp_path):
     assert (np.moveaxis(patches[(0, 0)], 0, -1) == rgb[:256, :256]).all()
 
 
+def test_reader_threads_yield_the_same_patches_in_the_same_order(tmp_path):
+    from monai_wsl.inferers import TissueWSISplitter
+
+    rgb = tissue_texture(900, 1100, seed=3)
+    slide = write_slide(tmp_path / "s.tif", rgb)
+    tissue = np.ones((900 // 16 + 1, 1100 // 16 + 1), bool)
+    tissue[:20, :30] = False  # some patches are skipped, so the threads see gaps in the grid
+    runs = {}
+    for workers in (0, 3):
+        splitter = TissueWSISplitter(128, 0.25, tissue, 16.0, 1.0, 0.5, workers, reader="OpenSlide", level=0)
+        runs[workers] = [(tuple(loc), p) for p, loc in splitter(str(slide))]
+    assert len(runs[0]) == len(runs[3]) > 20
+    assert [loc for loc, _ in runs[0]] == [loc for loc, _ in runs[3]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(runs[0], runs[3]))
+    (y, x), patch = runs[3][-1]
+    inside = rgb[y : y + 128, x : x + 128]
+    assert (np.moveaxis(patch[0].numpy(), 0, -1)[: inside.shape[0], : inside.shape[1]] == inside).all()
+    with pytest.raises(ValueError, match="num_workers"):
+        TissueWSISplitter(128, num_workers=-1)
+
+
 def test_bad_slides_are_refused_before_anything_runs(tmp_path, net):
     good = write_slide(tmp_path / "good.tif", shape=(512, 512), blocks=[(0, 0, 256, 256, tissue_texture(256, 256))])
     not_a_slide = tmp_path / "notes.svs"

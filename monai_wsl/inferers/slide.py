@@ -10,8 +10,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,10 @@ class TissueWSISplitter(WSISlidingWindowSplitter):
         tissue_downsample: see ``tissue``.
         level_downsample: level-0 pixels per pixel of the level run.
         min_tissue: the fraction of a patch that must be tissue.
+        num_workers: threads that read patches ahead of the network, in order (at most ``4 x num_workers`` patches
+            ahead, so memory stays bounded); 0 reads each patch when it is asked for. OpenSlide and cuCIM read
+            regions without holding Python's lock, so on a GPU, where reading is the slow part, threads keep the
+            network fed.
         reader, reader_kwargs: as ``WSISlidingWindowSplitter`` (``level`` among the kwargs).
     """
 
@@ -61,10 +68,14 @@ class TissueWSISplitter(WSISlidingWindowSplitter):
         tissue_downsample: float = 1.0,
         level_downsample: float = 1.0,
         min_tissue: float = 0.05,
+        num_workers: int = 0,
         reader: Any = "OpenSlide",
         **reader_kwargs: Any,
     ) -> None:
         super().__init__(patch_size=patch_size, overlap=overlap, reader=reader, **reader_kwargs)
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be 0 or more, not {num_workers}.")
+        self.num_workers = int(num_workers)
         self.tissue = tissue
         self.tissue_downsample = float(tissue_downsample)
         self.level_downsample = float(level_downsample)
@@ -104,18 +115,33 @@ class TissueWSISplitter(WSISlidingWindowSplitter):
         wsi = self.reader.read(str(inputs))
         plan = self.plan(inputs)
         (h, w), patch_size = plan["shape"], plan["patch_size"]
-        for location in plan["tissue_positions"]:
+
+        def read(location: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
             level0 = tuple(round(v * self.level_downsample) for v in location)
             patch, _ = self.reader.get_data(wsi=wsi, location=level0, size=patch_size)
             patch = torch.tensor(np.asarray(patch))[None]
             over_h, over_w = location[0] + patch_size[0] - h, location[1] + patch_size[1] - w
             if over_h > 0 or over_w > 0:
-                patch = patch.clone()
                 if over_h > 0:
                     patch[..., patch_size[0] - over_h :, :] = 255
                 if over_w > 0:
                     patch[..., :, patch_size[1] - over_w :] = 255
-            yield patch, location
+            return patch, location
+
+        positions = iter(plan["tissue_positions"])
+        if self.num_workers == 0:
+            yield from map(read, positions)
+            return
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="slide-reader") as pool:
+            ahead = deque(pool.submit(read, p) for p in islice(positions, 4 * self.num_workers))
+            try:
+                while ahead:
+                    patch = ahead.popleft().result()
+                    ahead.extend(pool.submit(read, p) for p in islice(positions, 1))
+                    yield patch
+            finally:  # a consumer that stops early (an error downstream) leaves no reads queued
+                for future in ahead:
+                    future.cancel()
 
 
 class _Plane:
@@ -153,6 +179,7 @@ class SlideInferer:
             averaged.
         level, mpp: the level to run at, or the microns per pixel to choose it by (``mpp`` wins when given).
         batch_size: patches per forward pass.
+        num_workers: threads reading patches ahead of the network (see :class:`TissueWSISplitter`).
         preprocessing: the intensity transform of a ``(B, 3, H, W)`` uint8 batch (default: to [-1, 1], as the
             bundle trains).
         threshold: the mask threshold for the GeoJSON regions and the thumbnail's outline.
@@ -178,6 +205,7 @@ class SlideInferer:
         level: int | None = 0,
         mpp: float | None = None,
         batch_size: int = 8,
+        num_workers: int = 2,
         preprocessing: Callable | None = None,
         threshold: float = 0.5,
         min_tissue: float = 0.05,
@@ -203,6 +231,7 @@ class SlideInferer:
         self.overlap = overlap
         self.level, self.mpp = level, mpp
         self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
         self.preprocessing = preprocessing or ScaleIntensityRange(0, 255, -1.0, 1.0, clip=True)
         self.threshold = float(threshold)
         self.min_tissue, self.min_saturation = float(min_tissue), float(min_saturation)
@@ -259,12 +288,14 @@ class SlideInferer:
 
     # ------------------------------------------------------------------ the network pass
     @torch.no_grad()
-    def _forward(self, patches: torch.Tensor) -> torch.Tensor:
+    def _forward(self, patches: torch.Tensor, probs: list | None = None) -> torch.Tensor:
+        """The masks of a ``(B, 3, H, W)`` uint8 batch; its class probabilities are appended to ``probs`` (default:
+        the slide's, ``self._probs``)."""
         x = self.preprocessing(patches.to(self.device).float())
         x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
         with torch.autocast("cuda") if self.amp else nullcontext():
             out = self.network.predict(x)
-        self._probs.append(torch.softmax(out["logits"].float(), 1).cpu())
+        (self._probs if probs is None else probs).append(torch.softmax(out["logits"].float(), 1).cpu())
         if self._bar is not None:
             self._bar.update(len(patches))
         return out["mask"].float().cpu()
@@ -305,10 +336,10 @@ class SlideInferer:
         image[:, :, inside_w:] = 255
         image = torch.from_numpy(image)[None]
         self.network.eval()
-        self._probs = []
+        probs: list[torch.Tensor] = []  # this call's own (calls from several threads do not mix)
         splitter = SlidingWindowSplitter(self.patch_size, overlap=self.overlap, pad_mode="constant", pad_value=255)
-        mask = self._patch_inferer(splitter)(image, self._forward)
-        return {"mask": mask[0, 0].numpy(), "prob": torch.cat(self._probs).mean(0).numpy()}
+        mask = self._patch_inferer(splitter)(image, lambda patches: self._forward(patches, probs))
+        return {"mask": mask[0, 0].numpy(), "prob": torch.cat(probs).mean(0).numpy()}
 
     # ------------------------------------------------------------------ one slide
     def _tissue(
@@ -379,6 +410,7 @@ class SlideInferer:
             tissue_downsample,
             level_downsample,
             self.min_tissue,
+            self.num_workers,
             reader=self.backend,
             level=level,
         )
