@@ -120,3 +120,223 @@ def test_monailabel_default_request_gives_the_bundles_mask_as_uint8_labels(share
     own = own_mask(bundle, image, tmp_path)
     assert own.any() and not own.all()  # a real two-region mask, not a blank
     assert np.array_equal(served.astype(bool), own)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole slides: MONAI Label's pathology request (a region of a slide: location, size, level) through the bundle's own
+# SlideInferer.infer_region, and the regions back as MONAI Label's annotation in level-0 pixels
+# (monai_wsl.apps.slide_region, which needs no monailabel; the MONAI Label task and app around it are checked against a
+# running server, bundle/docs/README.md).
+
+from monai_wsl.apps import (  # noqa: E402
+    MAX_REGION_PIXELS,
+    build_slide_inferer,
+    check_region_request,
+    infer_slide_region,
+    region_annotation,
+)
+from monai_wsl.data import DataError, write_synthetic_slide  # noqa: E402
+from tests import test_slides  # noqa: E402
+
+real_svs = test_slides.real_svs  # the small real SVS (2220 x 2967, one level), fetched once and cached
+
+
+@pytest.fixture(scope="module")
+def slide_bundle(tmp_path_factory) -> Path:
+    """The repository's bundle configs with a model.pt: ImageNet encoder, fixed random heads (its masks have
+    structure; what is checked is the plumbing, against the mask the same inferer gives)."""
+    root = tmp_path_factory.mktemp("bundle")
+    shutil.copytree(REPO / "bundle" / "configs", root / "configs")
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="efficientnet-lite0", pretrained=True)
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def region_inferer(slide_bundle):
+    """The bundle's SlideInferer as the MONAI Label task builds it, with 256-pixel patches to keep the tests short."""
+    return build_slide_inferer(slide_bundle, device="cpu", overrides={"patch_size": 256, "overlap": 0.25})
+
+
+def rasterise(annotation: dict, location, downsample: float, shape) -> np.ndarray:
+    """The annotation's polygons (exterior minus holes) drawn back onto the region's pixel grid (a pixel is in when its
+    centre is)."""
+    from skimage.draw import polygon2mask
+
+    out = np.zeros(shape, bool)
+    for element in annotation["elements"]:
+        for i, ring in enumerate(element["contours"]):
+            xy = np.asarray(ring, float)
+            rows = (xy[:, 1] - location[1]) / downsample - 0.5
+            cols = (xy[:, 0] - location[0]) / downsample - 0.5
+            drawn = polygon2mask(shape, np.stack([rows, cols], 1))
+            out = out | drawn if i == 0 else out & ~drawn
+    return out
+
+
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels with a 4-neighbour outside it."""
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask, border_value=0)
+
+
+def assert_polygons_are_the_mask(annotation: dict, pred: np.ndarray, location, downsample: float) -> None:
+    """Polygons traced from ``pred`` (simplified within half a mask pixel) cover its pixels except along its edges:
+    the pixels they get wrong are at most a tenth of its boundary pixels, and the areas agree within 1 %."""
+    drawn = rasterise(annotation, location, downsample, pred.shape)
+    wrong = int((drawn != pred.astype(bool)).sum())
+    assert wrong <= 0.1 * boundary(pred.astype(bool)).sum(), (wrong, int(boundary(pred.astype(bool)).sum()))
+    assert drawn.sum() == pytest.approx(pred.sum(), rel=0.01)
+
+
+def points(annotation: dict) -> np.ndarray:
+    return np.concatenate([np.asarray(r, float) for e in annotation["elements"] for r in e["contours"]])
+
+
+def test_region_annotation_gives_level0_polygons_with_holes_as_monai_label_reads_them():
+    """A ring (with its hole) and a small blob on a region at level-0 (1000, 2000), read at downsample 4: MONAI Label's
+    annotation of a tile, polygons in level-0 pixels inside the region, drawn back they are the mask; min_poly_area
+    (pixels of the level read, as MONAI Label's) drops the blob."""
+    mask = np.zeros((60, 80), bool)
+    mask[10:40, 20:60] = True
+    mask[20:30, 30:50] = False  # the hole
+    mask[50:53, 5:8] = True  # 9 pixels
+    location, ds = (1000, 2000), 4.0
+    annotation = region_annotation(mask, location, ds, label="gland", size=(80, 60), level=2)
+    assert annotation["location"] == [1000, 2000] and annotation["size"] == [80, 60] and annotation["level"] == 2
+    assert annotation["labels"] == {"gland": [0, 166, 166]}
+    assert sorted(len(e["contours"]) for e in annotation["elements"]) == [1, 2]  # the blob; the ring and its hole
+    xy = points(annotation)
+    assert xy[:, 0].min() >= 1000 + 5 * ds - 1e-6 and xy[:, 0].max() <= 1000 + 60 * ds + 1e-6
+    assert xy[:, 1].min() >= 2000 + 10 * ds - 1e-6 and xy[:, 1].max() <= 2000 + 53 * ds + 1e-6
+    assert (rasterise(annotation, location, ds, mask.shape) == mask).all()
+    json.dumps(annotation)  # what MONAI Label sends on: plain JSON
+    kept = region_annotation(mask, location, ds, min_poly_area=20)
+    assert [len(e["contours"]) for e in kept["elements"]] == [2]
+
+
+def test_real_svs_region_gives_level0_polygons_of_the_regions_mask(real_svs, region_inferer):
+    """A region of the real SVS, as MONAI Label sends a tile: the label map is the bundle inferer's own mask at the
+    threshold, and the polygons are that label map in level-0 pixels, inside the region."""
+    location, size = (1000, 1200), (500, 380)  # wider than high, away from the diagonal: an x / y swap would show
+    own = region_inferer.infer_region(real_svs, location=location, size=size, level=0)["mask"]
+    threshold = float(np.quantile(own, 0.6))  # the mask's own scale: a region map, neither empty nor full
+    out = infer_slide_region(
+        region_inferer, {"image": str(real_svs), "location": location, "size": size, "level": 0, "threshold": threshold}
+    )
+    assert out["pred"].shape == (380, 500) and out["pred"].dtype == np.uint8
+    assert np.array_equal(out["mask"], own)  # the same code path as the bundle's infer_region
+    assert np.array_equal(out["pred"], (own >= threshold).astype(np.uint8))
+    assert 0.3 < out["pred"].mean() < 0.5
+    xy = points(out["annotation"])
+    assert len(out["annotation"]["elements"]) >= 1
+    assert xy[:, 0].min() >= 1000 and xy[:, 0].max() <= 1500 and xy[:, 1].min() >= 1200 and xy[:, 1].max() <= 1580
+    assert_polygons_are_the_mask(out["annotation"], out["pred"], location, 1.0)
+    probs = out["class_probabilities"]
+    assert set(probs) == {"benign", "malignant"} and sum(probs.values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_region_at_level_1_maps_back_to_level_0(tmp_path, region_inferer):
+    """A region asked at level 1 of a pyramidal slide (location in level-0 pixels, size in level-1 pixels, as
+    OpenSlide's read_region and MONAI Label's pathology app take them): its polygons come back in level-0 pixels,
+    twice the level-1 extent, and drawn back at level 1 they are the label map."""
+    slide = write_synthetic_slide(tmp_path / "synthetic_slide.tif")  # 3072 x 2048 at level 0, levels halving
+    location, size = (1024, 512), (384, 256)  # level 0: x 1024..1792, y 512..1024
+    own = region_inferer.infer_region(slide, location=location, size=size, level=1)["mask"]
+    threshold = float(np.quantile(own, 0.6))
+    out = infer_slide_region(
+        region_inferer, {"image": str(slide), "location": location, "size": size, "level": 1, "threshold": threshold}
+    )
+    assert out["region"].downsample == pytest.approx(2.0) and out["annotation"]["level"] == 1
+    assert np.array_equal(out["pred"], (own >= threshold).astype(np.uint8)) and 0.3 < out["pred"].mean() < 0.5
+    xy = points(out["annotation"])
+    assert xy[:, 0].min() >= 1024 and xy[:, 0].max() <= 1792 and xy[:, 1].min() >= 512 and xy[:, 1].max() <= 1024
+    assert xy[:, 0].max() - xy[:, 0].min() > 384  # spans more than the level-1 width: scaled to level 0
+    assert_polygons_are_the_mask(out["annotation"], out["pred"], location, 2.0)
+
+
+def test_region_past_the_slide_edge_keeps_its_regions_on_the_slide(real_svs, region_inferer):
+    """A region reaching past the right and bottom edges of the real SVS (2220 x 2967): the part beyond is glass, never
+    a region; the polygons stay on the slide and are the label map there."""
+    location, size = (2220 - 200, 2967 - 100), (512, 256)
+    own = region_inferer.infer_region(real_svs, location=location, size=size, level=0)["mask"]
+    threshold = float(np.quantile(own[:100, :200], 0.5))
+    out = infer_slide_region(
+        region_inferer, {"image": str(real_svs), "location": location, "size": size, "threshold": threshold}
+    )
+    assert out["region"].inside == (200, 100)
+    assert out["pred"][100:, :].sum() == 0 and out["pred"][:, 200:].sum() == 0
+    assert np.array_equal(out["pred"][:100, :200], (own[:100, :200] >= threshold).astype(np.uint8))
+    assert out["pred"].sum() > 0
+    xy = points(out["annotation"])
+    assert xy[:, 0].min() >= 2020 and xy[:, 0].max() <= 2220 and xy[:, 1].min() >= 2867 and xy[:, 1].max() <= 2967
+    assert_polygons_are_the_mask(out["annotation"], out["pred"], location, 1.0)
+
+
+def test_bad_region_requests_name_the_slide_and_the_fix(tmp_path, real_svs, region_inferer):
+    missing = tmp_path / "gone.svs"
+    cases = [
+        ({"image": str(missing), "size": (256, 256)}, [str(missing), "does not exist"]),
+        ({"image": str(real_svs), "size": (256, 256), "level": 3}, [str(real_svs), "no level 3", "1 level(s)"]),
+        ({"image": str(real_svs), "location": (5000, 10), "size": (256, 256)}, [str(real_svs), "2220 x 2967"]),
+        ({"image": str(real_svs), "location": (-1, 0), "size": (256, 256)}, [str(real_svs), "does not start"]),
+        ({"image": str(real_svs)}, [str(real_svs), "no size"]),
+        ({"image": str(real_svs), "size": (0, 256)}, [str(real_svs), "empty"]),
+        ({"image": str(real_svs), "size": (MAX_REGION_PIXELS, 2)}, [str(real_svs), "too large", "tile_size"]),
+        ({"image": str(real_svs), "size": "big"}, [str(real_svs), "two whole numbers"]),
+    ]
+    for request, words in cases:
+        with pytest.raises(DataError) as e:
+            check_region_request(request)
+        assert all(w in str(e.value) for w in words), (request, str(e.value))
+    with pytest.raises(DataError, match="threshold 1.5"):  # the same checks on the task's path, before anything runs
+        infer_slide_region(region_inferer, {"image": str(real_svs), "size": (64, 64), "threshold": 1.5})
+    with pytest.raises(DataError, match="no level 2"):
+        infer_slide_region(region_inferer, {"image": str(real_svs), "size": (64, 64), "level": 2})
+
+
+def test_build_slide_inferer_is_the_bundles_wsi_definition(slide_bundle, tmp_path):
+    """The MONAI Label task's inferer is inference.json + inference_wsi.json: their patch size, overlap, threshold and
+    region name, and model.pt's weights; a missing model is refused naming the file."""
+    inferer = build_slide_inferer(slide_bundle, device="cpu")
+    wsi = json.loads((REPO / "bundle" / "configs" / "inference_wsi.json").read_text())
+    assert (inferer.patch_size, inferer.overlap, inferer.threshold, inferer.region_name) == (
+        wsi["patch_size"],
+        wsi["overlap"],
+        wsi["threshold"],
+        wsi["region_name"],
+    )
+    saved = torch.load(slide_bundle / "models" / "model.pt", weights_only=True)
+    loaded = inferer.network.state_dict()
+    assert set(loaded) == set(saved) and all(torch.equal(loaded[k].cpu(), saved[k]) for k in saved)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "none.pt")):
+        build_slide_inferer(slide_bundle, tmp_path / "none.pt", device="cpu")
+    with pytest.raises(FileNotFoundError, match="inference_wsi.json"):
+        build_slide_inferer(tmp_path, device="cpu")
+
+
+def test_monai_wsl_imports_without_monailabel_and_the_task_says_how_to_get_it():
+    """monailabel is optional: importing monai_wsl (and monai_wsl.apps) does not import it; where it is not installed,
+    the MONAI Label task module says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.util, monai_wsl, monai_wsl.apps\n"
+        "assert 'monailabel' not in sys.modules, 'monai_wsl imported monailabel'\n"
+        "if importlib.util.find_spec('monailabel') is None:\n"
+        "    try:\n"
+        "        import monai_wsl.apps.monailabel\n"
+        "    except ImportError as e:\n"
+        "        assert 'pip install monailabel' in str(e), e\n"
+        "        print('refused')\n"
+        "else:\n"
+        "    import monai_wsl.apps.monailabel\n"
+        "    print('imported')\n"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip() in ("refused", "imported")
