@@ -309,6 +309,9 @@ def test_build_slide_inferer_is_the_bundles_wsi_definition(slide_bundle, tmp_pat
         wsi["threshold"],
         wsi["region_name"],
     )
+    assert (inferer.num_workers, inferer.uncertainty) == (2, False)
+    overridden = build_slide_inferer(slide_bundle, device="cpu", overrides={"uncertainty": "true", "num_workers": 0})
+    assert (overridden.num_workers, overridden.uncertainty) == (0, True)  # as --uncertainty true --num_workers 0
     saved = torch.load(slide_bundle / "models" / "model.pt", weights_only=True)
     loaded = inferer.network.state_dict()
     assert set(loaded) == set(saved) and all(torch.equal(loaded[k].cpu(), saved[k]) for k in saved)

@@ -249,6 +249,50 @@ def test_stitched_map_equals_the_network_on_the_same_pixels(tmp_path, net, merge
     assert np.abs(window - np.mean(covering, 0) * 255).max() <= 0.5 + 1e-3
 
 
+@pytest.mark.parametrize("merger", ["memory", "zarr"])
+def test_uncertainty_map_is_the_entropy_of_the_flip_averaged_mask(tmp_path, net, merger, glas_image):
+    """With ``uncertainty``, the map is the mask averaged over four flips and ``<stem>_uncertainty.tif`` its binary
+    entropy in bits, both to the 8-bit rounding of the TIFFs, computed here from the network on the image itself."""
+    from monai_wsl.inferers import binary_entropy
+
+    image = glas_image
+    slide = write_slide(tmp_path / "s.tif", shape=(1024, 1280), blocks=[(256, 512, 512, 512, image)])
+    expected = np.zeros((512, 512))
+    with torch.no_grad():
+        for y in (0, 256):
+            for x in (0, 256):
+                block = torch.from_numpy(image[y : y + 256, x : x + 256]).permute(2, 0, 1)[None].float() / 127.5 - 1
+                flips = ((-1,), (-2,), (-2, -1))
+                masks = [net.predict(block)["mask"][0, 0]] + [
+                    net.predict(block.flip(f))["mask"][0, 0].flip(f) for f in flips
+                ]
+                expected[y : y + 256, x : x + 256] = torch.stack(masks).mean(0).numpy()
+    entropy = binary_entropy(torch.from_numpy(expected)).numpy()
+    assert binary_entropy(torch.tensor([0.0, 0.5, 1.0])).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    inferer = SlideInferer(
+        net, tmp_path / "out", 256, overlap=0.0, batch_size=4, merger=merger, progress=False, uncertainty=True
+    )
+    summary = inferer.run([slide])[0]
+    out = tmp_path / "out"
+    assert summary["uncertainty"]["file"] == "s_uncertainty.tif"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "s.geojson",
+        "s.json",
+        "s_map.tif",
+        "s_thumbnail.png",
+        "s_uncertainty.tif",
+    ]
+    level0 = tifffile.imread(out / "s_map.tif", key=0).astype(float)[256:768, 512:1024]
+    uncertainty = tifffile.imread(out / "s_uncertainty.tif", key=0).astype(float)[256:768, 512:1024]
+    assert np.abs(level0 - expected * 255).max() <= 0.5 + 1e-3
+    assert np.abs(uncertainty - entropy * 255).max() <= 0.5 + 1e-3
+    assert uncertainty.std() > 5  # not a constant
+    with tifffile.TiffFile(out / "s_uncertainty.tif") as u, tifffile.TiffFile(out / "s_map.tif") as m:
+        assert [p.shape for p in u.pages] == [p.shape for p in m.pages]
+    region = inferer.infer_region(slide, location=(512, 256), size=(512, 512))
+    assert np.abs(np.rint(region["uncertainty"] * 255) - uncertainty).max() == 0
+
+
 def test_background_is_skipped_and_outputs_describe_the_slide(tmp_path, net):
     """Tissue on 5 of the 24 patch positions of a 1024 x 1536 slide: exactly those 5 are run."""
     blocks = [(256 * (i // 6), 256 * (i % 6), 256, 256, tissue_texture(256, 256, i)) for i in (0, 7, 8, 15, 23)]

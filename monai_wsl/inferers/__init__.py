@@ -1,4 +1,4 @@
 from __future__ import annotations
 
 from .inferer import CAM_METHODS, GradCAMInferer, WSLInferer
-from .slide import SlideInferer, TissueWSISplitter
+from .slide import SlideInferer, TissueWSISplitter, binary_entropy

@@ -35,7 +35,7 @@ from monai_wsl.data.slides import (
     write_pyramid_tiff,
 )
 
-__all__ = ["TissueWSISplitter", "SlideInferer"]
+__all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +145,21 @@ class TissueWSISplitter(WSISlidingWindowSplitter):
 
 
 class _Plane:
-    """The ``(H, W)`` plane of a ``(1, 1, H, W)`` zarr array, read by slices (never the whole array at once)."""
+    """The ``(H, W)`` plane ``channel`` of a ``(1, C, H, W)`` zarr array, read by slices (never the whole array at
+    once)."""
 
-    def __init__(self, array: Any) -> None:
-        self.array = array
+    def __init__(self, array: Any, channel: int = 0) -> None:
+        self.array, self.channel = array, int(channel)
         self.shape = tuple(array.shape[-2:])
 
     def __getitem__(self, index: tuple) -> np.ndarray:
-        return np.asarray(self.array[(0, 0, *index)])
+        return np.asarray(self.array[(0, self.channel, *index)])
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """The entropy of a Bernoulli probability, in bits: 0 where ``p`` is 0 or 1, 1 at 0.5."""
+    p = p.clamp(0.0, 1.0)
+    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / np.log(2.0)
 
 
 class SlideInferer:
@@ -165,7 +172,10 @@ class SlideInferer:
     - ``<stem>_thumbnail.png``: the slide and the regions ``M >= threshold`` over it;
     - ``<stem>.geojson``: the regions ``M >= threshold`` as polygons in level-0 pixels (QuPath imports them);
     - ``<stem>.json``: the slide, the level and grid used, the patches run, seconds, the slide-level class
-      probabilities and how they were aggregated.
+      probabilities and how they were aggregated;
+    - with ``uncertainty``, ``<stem>_uncertainty.tif``: the binary entropy (bits, 8-bit ``round(255 H)``) of the
+      mask averaged over four test-time flips (none, horizontal, vertical, both), pyramidal like the map; the map,
+      regions and class probabilities are then those flip averages too.
 
     Each file is written under a temporary name and renamed when complete, the JSON last: a slide whose JSON exists
     is done. The same network pass serves a region of a slide (:meth:`infer_region`, as MONAI Label's pathology
@@ -194,6 +204,8 @@ class SlideInferer:
         device, amp: where the network runs, and whether in mixed precision (CUDA only).
         checkpoint: the model file, to warn when a model of the embedded synthetic set is used on slides.
         progress: show a progress bar over the patches.
+        uncertainty: average the network over four flips of each batch and write ``<stem>_uncertainty.tif`` (four
+            forward passes per patch).
     """
 
     def __init__(
@@ -222,6 +234,7 @@ class SlideInferer:
         progress: bool = True,
         thumbnail_size: int = 1024,
         geojson_max_side: int = 4096,
+        uncertainty: bool = False,
     ) -> None:
         if merger not in ("auto", "memory", "zarr"):
             raise ValueError(f"merger must be 'auto', 'memory' or 'zarr', not {merger!r}.")
@@ -244,6 +257,7 @@ class SlideInferer:
         self.checkpoint = checkpoint
         self.progress = progress
         self.thumbnail_size, self.geojson_max_side = int(thumbnail_size), int(geojson_max_side)
+        self.uncertainty = bool(uncertainty)
         self._probs: list[torch.Tensor] = []
         self._bar: Any = None
         self._checked: list[Path] = []
@@ -289,16 +303,26 @@ class SlideInferer:
     # ------------------------------------------------------------------ the network pass
     @torch.no_grad()
     def _forward(self, patches: torch.Tensor, probs: list | None = None) -> torch.Tensor:
-        """The masks of a ``(B, 3, H, W)`` uint8 batch; its class probabilities are appended to ``probs`` (default:
-        the slide's, ``self._probs``)."""
+        """The masks ``(B, 1, H, W)`` of a ``(B, 3, H, W)`` uint8 batch (with ``uncertainty``: ``(B, 2, H, W)``, the
+        mask averaged over four flips and its binary entropy); its class probabilities are appended to ``probs``
+        (default: the slide's, ``self._probs``)."""
         x = self.preprocessing(patches.to(self.device).float())
         x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+        flips: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1)) if self.uncertainty else ((),)
+        if len(flips) > 1:
+            x = torch.cat([x.flip(f) if f else x for f in flips])
         with torch.autocast("cuda") if self.amp else nullcontext():
             out = self.network.predict(x)
-        (self._probs if probs is None else probs).append(torch.softmax(out["logits"].float(), 1).cpu())
+        n = len(patches)
+        masks = out["mask"].float().split(n)
+        mask = torch.stack([m.flip(f) if f else m for m, f in zip(masks, flips)]).mean(0)
+        prob = torch.softmax(out["logits"].float(), 1).view(len(flips), n, -1).mean(0)
+        (self._probs if probs is None else probs).append(prob.cpu())
         if self._bar is not None:
-            self._bar.update(len(patches))
-        return out["mask"].float().cpu()
+            self._bar.update(n)
+        if self.uncertainty:
+            mask = torch.cat([mask, binary_entropy(mask)], 1)
+        return mask.cpu()
 
     def _patch_inferer(self, splitter: Any, merger_cls: Any = AvgMerger, **merger_kwargs: Any) -> PatchInferer:
         return PatchInferer(
@@ -318,7 +342,7 @@ class SlideInferer:
         ``level`` or ``mpp``). The patches start at the region's corner and all run (the region was asked for);
         pixels beyond the slide are glass (white). On a region that starts on the slide's patch grid it equals the
         slide's map there. Returns ``{"mask": (H, W) float32, "prob": (K,) float32}`` (the mean of the patches' class
-        probabilities)."""
+        probabilities), and with ``uncertainty`` ``"uncertainty": (H, W) float32`` (bits)."""
         reader, wsi = open_slide(slide, self.backend)
         if level is None:
             level = choose_level(reader, wsi, slide, self.level, self.mpp)
@@ -339,7 +363,10 @@ class SlideInferer:
         probs: list[torch.Tensor] = []  # this call's own (calls from several threads do not mix)
         splitter = SlidingWindowSplitter(self.patch_size, overlap=self.overlap, pad_mode="constant", pad_value=255)
         mask = self._patch_inferer(splitter)(image, lambda patches: self._forward(patches, probs))
-        return {"mask": mask[0, 0].numpy(), "prob": torch.cat(probs).mean(0).numpy()}
+        out = {"mask": mask[0, 0].numpy(), "prob": torch.cat(probs).mean(0).numpy()}
+        if self.uncertainty:
+            out["uncertainty"] = mask[0, 1].numpy()
+        return out
 
     # ------------------------------------------------------------------ one slide
     def _tissue(
@@ -374,7 +401,7 @@ class SlideInferer:
         return rgb, mask, downsample, threshold
 
     def _merger(self, shape: tuple[int, int], workdir: str) -> tuple[Any, dict]:
-        need_mb = shape[0] * shape[1] * 8 / 2**20  # float32 values + float32 counts
+        need_mb = shape[0] * shape[1] * 4 * (1 + 1 + self.uncertainty) / 2**20  # float32 values (1 or 2) + counts
         if self.merger == "memory" or (self.merger == "auto" and need_mb <= self.max_memory_mb):
             return AvgMerger, {}
         import zarr
@@ -439,15 +466,10 @@ class SlideInferer:
         w0, h0 = setup["size_level0"]
         n_run, n_all = len(plan["tissue_positions"]), len(plan["positions"])
         stem = slide.stem
-        outputs = {
-            k: self.output_dir / f"{stem}{suffix}"
-            for k, suffix in (
-                ("map", "_map.tif"),
-                ("thumbnail", "_thumbnail.png"),
-                ("geojson", ".geojson"),
-                ("json", ".json"),
-            )
-        }
+        names = [("map", "_map.tif"), ("thumbnail", "_thumbnail.png"), ("geojson", ".geojson"), ("json", ".json")]
+        if self.uncertainty:
+            names.insert(1, ("uncertainty", "_uncertainty.tif"))
+        outputs = {k: self.output_dir / f"{stem}{suffix}" for k, suffix in names}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         workdir = tempfile.mkdtemp(prefix=f".{stem}.", dir=self.output_dir)
         partial = {k: p.with_name(f".{p.name}.partial") for k, p in outputs.items()}
@@ -461,6 +483,7 @@ class SlideInferer:
                     "--min_saturation or --min_tissue."
                 )
                 plane: Any = ZeroMap(shape)
+                uncertain: Any = ZeroMap(shape)
                 merger_name = "none"
             else:
                 merger_cls, kwargs = self._merger(shape, workdir)
@@ -469,8 +492,13 @@ class SlideInferer:
                     with np.errstate(invalid="ignore"):  # 0 / 0 where no patch ran: NaN, written as 0
                         merged = self._patch_inferer(splitter, merger_cls, **kwargs)(str(slide), self._forward)
                 self._bar = None
-                plane = merged[0, 0].numpy() if isinstance(merged, torch.Tensor) else _Plane(merged)
+                in_memory = isinstance(merged, torch.Tensor)
+                plane = merged[0, 0].numpy() if in_memory else _Plane(merged)
+                if self.uncertainty:
+                    uncertain = merged[0, 1].numpy() if in_memory else _Plane(merged, 1)
             levels = write_pyramid_tiff(partial["map"], plane, mpp=mpp, workdir=workdir)
+            if self.uncertainty:
+                write_pyramid_tiff(partial["uncertainty"], uncertain, mpp=mpp, workdir=workdir)
             factor = max(1, int(np.ceil(max(shape) / self.geojson_max_side)))
             small = downsample_mean(plane, factor) if factor > 1 else np.nan_to_num(np.asarray(plane[:, :]))
             geojson = mask_to_geojson(small >= self.threshold, factor * level_downsample, self.region_name)
@@ -498,6 +526,14 @@ class SlideInferer:
                     "scale": 255,
                     "downsample_level0": level_downsample,
                 },
+                "uncertainty": {
+                    "file": outputs["uncertainty"].name,
+                    "what": "the binary entropy (bits) of the mask averaged over four flips (none, horizontal, "
+                    "vertical, both); the map, regions and class probabilities are those averages",
+                    "scale": 255,
+                }
+                if self.uncertainty
+                else None,
                 "regions": {
                     "file": outputs["geojson"].name,
                     "count": len(geojson["features"]),
@@ -512,7 +548,7 @@ class SlideInferer:
                 "seconds": round(time.perf_counter() - start, 2),
             }
             partial["json"].write_text(json.dumps(summary, indent=1))
-            for k in ("map", "thumbnail", "geojson", "json"):  # the JSON last: it marks a finished slide
+            for k in outputs:  # the JSON last: it marks a finished slide
                 os.replace(partial[k], outputs[k])
         finally:
             self._bar = None
