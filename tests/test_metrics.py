@@ -113,7 +113,9 @@ def test_bundle_metrics_equal_the_earlier_implementation_on_glas_masks(shared_da
         assert metrics[name] == pytest.approx(np.nanmean([e[name] for e in expected]), rel=1e-6), name
     pooled = torch.cat([i["pred"].flatten() for i in items])[None, None, :, None]
     truths = torch.cat([i["mask"].flatten() for i in items])[None, None, :, None]
-    assert metrics["val_pxap"] == pytest.approx(compute_pxap(pooled, truths).item(), abs=1e-6)
+    # the bundle's PxAP is binned (1000 score bins): the exact PxAP of the scores rounded down to their bin
+    binned = torch.floor(pooled.double() * 1000).clamp(max=999) / 1000
+    assert metrics["val_pxap"] == pytest.approx(compute_pxap(binned, truths).item(), abs=1e-6)
     correct = [int(i["logits"].argmax() == i["label"]) for i in items]
     assert metrics["val_accuracy"] == pytest.approx(np.mean(correct))
 
@@ -128,13 +130,53 @@ def test_pxap_equals_scikit_learn(seed):
     labels = (torch.rand(4, 1, 23, 17, generator=g) < 0.4).float()
     expected = sklearn_metrics.average_precision_score(labels.flatten().numpy(), scores.flatten().numpy())
     assert compute_pxap(scores, labels).item() == pytest.approx(expected, abs=1e-6)
-    metric = PixelAPMetric()  # pooled over batches and over images of different sizes
+    metric = PixelAPMetric(num_bins=None)  # exact, pooled over batches and over images of different sizes
     metric(scores[:2], labels[:2])
     metric([scores[2], scores[3, :, :10]], [labels[2], labels[3, :, :10]])
     pooled = torch.cat([scores[:3].flatten(), scores[3, :, :10].flatten()])
     pooled_labels = torch.cat([labels[:3].flatten(), labels[3, :, :10].flatten()])
     expected = sklearn_metrics.average_precision_score(pooled_labels.numpy(), pooled.numpy())
     assert metric.aggregate().item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("num_bins", [10, 1000])
+def test_binned_pxap_is_the_exact_pxap_of_scores_rounded_down_to_their_bin(num_bins):
+    g = torch.Generator().manual_seed(num_bins)
+    scores = torch.rand(3, 1, 40, 30, generator=g)
+    scores[0, 0, :4] = 1.0  # the top edge goes to the last bin
+    scores[1, 0, :4] = 0.0
+    labels = (torch.rand(3, 1, 40, 30, generator=g) < scores * 0.9).float()
+    metric = PixelAPMetric(num_bins)
+    metric(scores[:1], labels[:1])
+    metric([scores[1], scores[2, :, :20]], [labels[1], labels[2, :, :20]])  # images of different sizes
+    pooled = torch.cat([scores[:2].flatten(), scores[2, :, :20].flatten()])[None, None]
+    pooled_labels = torch.cat([labels[:2].flatten(), labels[2, :, :20].flatten()])[None, None]
+    rounded = torch.floor(pooled.double() * num_bins).clamp(max=num_bins - 1) / num_bins
+    assert metric.aggregate().item() == pytest.approx(compute_pxap(rounded, pooled_labels).item(), abs=1e-6)
+    exact = compute_pxap(pooled, pooled_labels).item()
+    assert abs(metric.aggregate().item() - exact) < (0.05 if num_bins == 10 else 0.002)
+    assert metric.aggregate().item() != pytest.approx(exact, abs=1e-9)  # it is not the exact value in disguise
+    with pytest.raises(ValueError, match="num_bins must be at least 1"):
+        PixelAPMetric(0)
+
+
+def test_binned_pxap_memory_does_not_grow_with_the_pixels():
+    """Binned, the metric holds one (2, num_bins) count however many pixels it has seen; exact, 8 bytes a pixel."""
+    binned, exact = PixelAPMetric(), PixelAPMetric(num_bins=None)
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+    for _ in range(8):
+        scores = torch.rand(2, 1, 256, 256, generator=g)
+        labels = (scores > 0.7).float()
+        binned(scores, labels)
+        exact(scores, labels)
+        sizes.append(sum(t.numel() * t.element_size() for t in binned._buffers[0]))
+    assert sizes == [2 * 1000 * 8] * 8
+    assert binned.get_buffer().sum().item() == 8 * 2 * 256 * 256  # every pixel counted once
+    assert sum(t.numel() * t.element_size() for t in exact._buffers[0]) == 8 * 2 * 256 * 256 * 8
+    assert binned.aggregate().item() == pytest.approx(1.0) and exact.aggregate().item() == pytest.approx(1.0)
+    binned.reset()
+    assert binned._buffers is None or binned._buffers == [[]] or not any(binned._buffers[0])
 
 
 def test_pxap_extremes():

@@ -1,3 +1,3 @@
 from __future__ import annotations
 
-from .pxap import PixelAPMetric, compute_pxap
+from .pxap import PixelAPMetric, binned_average_precision, compute_pxap, pxap_histograms
