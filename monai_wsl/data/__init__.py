@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+from .camelyon16 import (
+    CAMELYON16_CLASS_NAMES,
+    find_camelyon16_slides,
+    prepare_camelyon16,
+    rasterize_annotation,
+    read_asap_annotation,
+)
 from .check import READABLE_SUFFIXES, DataError, check_run, inspect_image
 from .datalist import load_datalist
 from .glas import (

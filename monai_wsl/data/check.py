@@ -108,14 +108,19 @@ def inspect_image(
 
 
 def _item_problems(
-    item: object, where: str, needs_mask: bool, num_classes: int, min_size: int, spatial_dims: int = 2
+    item: object, where: str, needs_mask: bool | str, num_classes: int, min_size: int, spatial_dims: int = 2
 ) -> list[str]:
     if not isinstance(item, Mapping):
         return [f"{where} must be an object {{'image', 'label', 'mask'}}, got {item!r}: fix the datalist"]
     problems = []
-    for key in ("image", "label") + (("mask",) if needs_mask else ()):
+    for key in ("image", "label") + (("mask",) if needs_mask and needs_mask != "empty" else ()):
         if key not in item:
-            fix = "add the ground-truth mask (scored there)" if key == "mask" else f"add its {key}"
+            fix = (
+                "add the ground-truth mask (scored there), or, when an image without a mask has no foreground, put "
+                '"missing_mask": "empty" at the top level of the datalist'
+                if key == "mask"
+                else f"add its {key}"
+            )
             problems.append(f"{where} ({item.get('image', '?')}) has no {key!r}: {fix}")
     label = item.get("label")
     if "label" in item and not (isinstance(label, (int, np.integer)) and not isinstance(label, bool)):
@@ -184,7 +189,8 @@ def check_run(
     Args:
         datalist: a MONAI datalist JSON (relative paths are read from its folder, as ``load_datalist`` does).
         splits: the splits the run reads, each with whether its items need a ``mask`` (``{"training": False,
-            "validation": True}``).
+            "validation": True}``). A datalist whose top level says ``"missing_mask": "empty"`` (CAMELYON16 patches)
+            lets scored items go without one: their mask is all zero (``monai_wsl.transforms.EmptyMaskd``).
         class_names: the classes; a label must be an index into them.
         min_size: the smallest side the network takes (images scored at full size).
         images: images of an inference run (no datalist).
@@ -194,8 +200,9 @@ def check_run(
             the embedded synthetic set and the run's data is another.
         spatial_dims: 2 for images, 3 for volumes.
     """
-    from monai_wsl.data.datalist import load_datalist
+    from monai_wsl.data.datalist import load_datalist, missing_mask_is_empty
 
+    empty_masks = datalist is not None and missing_mask_is_empty(datalist)
     problems = []
     if resize_short_side is not None and crop_size is not None and crop_size > resize_short_side:
         problems.append(
@@ -209,7 +216,8 @@ def check_run(
             problems.append(str(e))
             continue
         for i, item in enumerate(items):
-            problems += _item_problems(item, f"{split}[{i}]", needs_mask, len(class_names), min_size, spatial_dims)
+            needs = "empty" if needs_mask and empty_masks else needs_mask
+            problems += _item_problems(item, f"{split}[{i}]", needs, len(class_names), min_size, spatial_dims)
     for image in images:
         problem, _ = inspect_image(image, "image", min_size, spatial_dims)
         problems += [problem] if problem else []

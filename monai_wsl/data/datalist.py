@@ -7,7 +7,7 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
-__all__ = ["load_datalist"]
+__all__ = ["load_datalist", "missing_mask_is_empty"]
 
 
 def load_datalist(path: str | Path, split: str = "training", check_files: bool = True) -> list[dict]:
@@ -43,3 +43,15 @@ def load_datalist(path: str | Path, split: str = "training", check_files: bool =
                     f"from {path.parent})."
                 )
     return items
+
+
+def missing_mask_is_empty(path: str | Path) -> bool:
+    """Whether the datalist says that an item without a ``"mask"`` has an all-zero mask (its top-level
+    ``"missing_mask": "empty"``, as ``scripts/prepare_camelyon16.py`` writes for the normal patches, which have no
+    mask file). Otherwise (the default) a scored item without a mask is an error. False for an unreadable file (the
+    pre-flight check reports it)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("missing_mask") == "empty"

@@ -13,5 +13,6 @@ from .finite import StopOnNonFinite
 from .images import OverlaySaver, TensorBoardOverlayHandler
 from .loss_terms import LossTermsHandler
 from .metrics import PixelAP
+from .per_image import PerImageCSVWriter
 from .schedules import EpochSeedHandler, ScheduleHandler
 from .summary import MODEL_CARD, TrainingSummary, read_model_card

@@ -40,6 +40,9 @@ __all__ = [
     "CheckLabeld",
     "CheckLabelD",
     "CheckLabelDict",
+    "EmptyMaskd",
+    "EmptyMaskD",
+    "EmptyMaskDict",
 ]
 
 
@@ -197,3 +200,38 @@ EnsureRGBD = EnsureRGBDict = EnsureRGBd
 BinarizeMaskD = BinarizeMaskDict = BinarizeMaskd
 CheckSameSizeD = CheckSameSizeDict = CheckSameSized
 CheckLabelD = CheckLabelDict = CheckLabeld
+
+
+class EmptyMaskd(MapTransform):
+    """Give an item without a mask an all-zero mask of its image's spatial size: the convention of datalists whose
+    images may lack a mask file because they have no foreground (CAMELYON16 normal patches; the datalist says
+    ``"missing_mask": "empty"`` and the pre-flight check lets only such datalists through). Items with a mask pass
+    unchanged.
+
+    Shapes: image ``(C, spatial_dim_0[, ...])`` -> mask ``(1, spatial_dim_0[, ...])`` float32 zeros, a MetaTensor
+    carrying the image's meta data (its affine and file name, for savers and messages).
+
+    Args:
+        keys: keys of the masks.
+        image_key: the image whose size the mask takes.
+    """
+
+    def __init__(self, keys: KeysCollection = "mask", image_key: str = "image") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        for key in self.keys:
+            if key in d:
+                continue
+            image = d[self.image_key]
+            zeros = torch.zeros((1, *image.shape[1:]), dtype=torch.float32)
+            meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+            d[key] = MetaTensor(zeros, meta=meta) if meta else zeros
+        return d
+
+
+EmptyMaskD = EmptyMaskDict = EmptyMaskd
