@@ -101,3 +101,60 @@ def test_module_without_tensor_output_is_refused():
 
     with pytest.raises(ValueError, match="feature map"):
         build_encoder(Bad())
+
+
+def test_folded_padding_is_the_same_function_and_the_same_weights():
+    """fold_same_padding moves the symmetric zero padding of the stride-1 convolutions into the convolutions: the
+    forward pass is equal to the bit, the state dict unchanged, the gradients equal to summation order; the
+    asymmetric padding of the stride-2 convolutions stays a module. The in-place ReLU6 leaves gradients exact."""
+    import copy
+
+    from monai_wsl.losses import MaxMinUncertaintyLoss
+    from monai_wsl.networks import fold_same_padding
+
+    torch.manual_seed(0)
+    plain = MaxMinUncertaintyNet(encoder="efficientnet-lite0")
+    folded = fold_same_padding(copy.deepcopy(plain))
+    assert fold_same_padding(plain, "false") is plain  # switched off: untouched
+
+    def pads(net):
+        return [tuple(m.padding) for m in net.modules() if isinstance(m, nn.ConstantPad2d)]
+
+    assert len(pads(plain)) > 10 and all(len(set(p)) == 2 for p in pads(folded))  # only (0, 1, 0, 1) are left
+    assert len(pads(folded)) == 5
+    assert plain.state_dict().keys() == folded.state_dict().keys()
+    x, y = torch.randn(2, 3, 160, 224), torch.tensor([0, 1])
+    plain.eval(), folded.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.predict(x)["mask"], folded.predict(x)["mask"])
+    grads = []
+    for net in (plain, folded):
+        net.train()
+        torch.manual_seed(1)  # the same drop-connect draws
+        MaxMinUncertaintyLoss()(net(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    relu6 = [m for m in plain.modules() if isinstance(m, nn.ReLU6)]
+    assert relu6 and all(m.inplace for m in relu6)
+
+
+def test_bundle_switches_fold_padding_and_memory_format():
+    """train.json's defaults keep the network as built (results repeat earlier runs bit for bit); --fold_padding true
+    and --memory_format '$torch.channels_last' give the faster CPU layout."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    for overrides, folded, channels_last in (
+        ({}, False, False),
+        ({"fold_padding": "true", "memory_format": "$torch.channels_last"}, True, True),
+    ):
+        parser = ConfigParser()
+        parser.read_config(str(configs / "train.json"))
+        parser.update({"device": "$torch.device('cpu')", **overrides})
+        net = parser.get_parsed_content("network")
+        pads = [m for m in net.modules() if isinstance(m, nn.ConstantPad2d)]
+        assert (len(pads) == 5) == folded
+        weight = net.encoder._conv_stem.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last

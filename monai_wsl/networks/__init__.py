@@ -14,6 +14,7 @@ from .nets import (
 from .utils import (
     CPUSyncBatchNorm,
     convert_sync_batchnorm,
+    fold_same_padding,
     minmax_normalize,
     normalized_map,
     resize_by,

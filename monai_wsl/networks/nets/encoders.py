@@ -135,7 +135,7 @@ class EfficientNetLite0Encoder(EfficientNet):
         for name, _ in list(self.named_modules()):
             if name.endswith("_swish"):
                 parent_name, _, attr = name.rpartition(".")
-                setattr(self.get_submodule(parent_name) if parent_name else self, attr, nn.ReLU6())
+                setattr(self.get_submodule(parent_name) if parent_name else self, attr, nn.ReLU6(inplace=True))
         self.out_channels = self._bn1.num_features
         del self._avg_pooling, self._dropout, self._fc  # features only
 
