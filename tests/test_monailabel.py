@@ -287,6 +287,7 @@ def test_bad_region_requests_name_the_slide_and_the_fix(tmp_path, real_svs, regi
         ({"image": str(real_svs), "size": (0, 256)}, [str(real_svs), "empty"]),
         ({"image": str(real_svs), "size": (MAX_REGION_PIXELS, 2)}, [str(real_svs), "too large", "tile_size"]),
         ({"image": str(real_svs), "size": "big"}, [str(real_svs), "two whole numbers"]),
+        ({"image": str(real_svs), "location": "12", "size": (64, 64)}, [str(real_svs), "two whole numbers"]),
     ]
     for request, words in cases:
         with pytest.raises(DataError) as e:
@@ -296,6 +297,8 @@ def test_bad_region_requests_name_the_slide_and_the_fix(tmp_path, real_svs, regi
         infer_slide_region(region_inferer, {"image": str(real_svs), "size": (64, 64), "threshold": 1.5})
     with pytest.raises(DataError, match="no level 2"):
         infer_slide_region(region_inferer, {"image": str(real_svs), "size": (64, 64), "level": 2})
+    with pytest.raises(DataError, match="must be numbers"):  # a 400 in MONAI Label, not a 500
+        infer_slide_region(region_inferer, {"image": str(real_svs), "size": (64, 64), "min_poly_area": "big"})
 
 
 def test_build_slide_inferer_is_the_bundles_wsi_definition(slide_bundle, tmp_path):

@@ -504,3 +504,15 @@ def test_a_kill_while_a_checkpoint_is_written_loses_nothing(tmp_path, clean_data
         b = torch.load(models / name, weights_only=True)
         a, b = a.get("model", a), b.get("model", b)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_data_error_from_a_worker_process_keeps_its_message():
+    """Worker processes (prepare_camelyon16.py --workers) send their exceptions back pickled: the problems come back
+    whole, not one per character."""
+    import pickle
+
+    from monai_wsl.data import DataError
+
+    error = pickle.loads(pickle.dumps(DataError(["slide a.tif: cannot be read: fix it"], "the slides")))
+    assert error.problems == ["slide a.tif: cannot be read: fix it"]
+    assert str(error) == "1 problem(s) in the slides; nothing was run:\n  - slide a.tif: cannot be read: fix it"

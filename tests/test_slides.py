@@ -291,6 +291,9 @@ def test_uncertainty_map_is_the_entropy_of_the_flip_averaged_mask(tmp_path, net,
         assert [p.shape for p in u.pages] == [p.shape for p in m.pages]
     region = inferer.infer_region(slide, location=(512, 256), size=(512, 512))
     assert np.abs(np.rint(region["uncertainty"] * 255) - uncertainty).max() == 0
+    inferer.uncertainty = False  # a later run without: the earlier uncertainty map does not stay behind
+    inferer.run([slide])
+    assert not (out / "s_uncertainty.tif").exists() and json.loads((out / "s.json").read_text())["uncertainty"] is None
 
 
 def test_background_is_skipped_and_outputs_describe_the_slide(tmp_path, net):

@@ -74,6 +74,8 @@ def _refuse(problem: str) -> DataError:
 def _pair(request: Mapping[str, Any], key: str, slide: Any, default: Any = None) -> tuple[int, int]:
     value = request.get(key, default)
     try:
+        if isinstance(value, (str, bytes)):
+            raise ValueError
         pair = tuple(int(v) for v in value)
         if len(pair) != 2 or any(float(v) != int(v) for v in value):
             raise ValueError
@@ -187,8 +189,15 @@ def infer_slide_region(
     at a time, so that one model on one device is not asked for several regions' memory at once).
     """
     region = check_region_request(request, getattr(inferer, "backend", "openslide"))
-    threshold = request.get("threshold")
-    threshold = float(getattr(inferer, "threshold", 0.5) if threshold is None else threshold)
+    threshold, min_poly_area = request.get("threshold"), request.get("min_poly_area")
+    try:
+        threshold = float(getattr(inferer, "threshold", 0.5) if threshold is None else threshold)
+        min_poly_area = float(min_poly_area or 0.0)
+    except (TypeError, ValueError):
+        raise _refuse(
+            f"slide {region.slide}: threshold and min_poly_area must be numbers, not {threshold!r} and "
+            f"{min_poly_area!r}"
+        ) from None
     if not 0.0 <= threshold <= 1.0:
         raise _refuse(f"slide {region.slide}: threshold {threshold} is not a mask probability: ask for 0 to 1")
     out = inferer.infer_region(region.slide, location=region.location, size=region.size, level=region.level)
@@ -206,7 +215,7 @@ def infer_slide_region(
         region.downsample,
         label=label,
         color=color,
-        min_poly_area=float(request.get("min_poly_area") or 0.0),
+        min_poly_area=min_poly_area,
         size=region.size,
         level=region.level,
     )

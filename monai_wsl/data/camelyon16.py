@@ -606,8 +606,11 @@ def _run(task: Any, jobs: list, workers: int) -> list:
         return [task(j) for j in jobs]
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
+    try:
         return list(pool.map(task, jobs))
+    finally:  # on a failure, the slides not started yet are not run (what is done stays done: a rerun resumes)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _preflight(slides: Sequence[C16Slide], patch_size: int) -> None:

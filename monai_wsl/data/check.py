@@ -23,9 +23,13 @@ class DataError(ValueError):
     """The problems found before a run, one per line: the file, what is wrong, the fix."""
 
     def __init__(self, problems: Sequence[str], what: str = "the data") -> None:
-        self.problems = list(problems)
+        self.problems, self.what = list(problems), what
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s) in {what}; nothing was run:\n{lines}")
+
+    def __reduce__(self) -> tuple:
+        # rebuilt from its problems (not from its message) when it comes back from a worker process
+        return type(self), (self.problems, self.what)
 
 
 def _suffix(path: Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,14 @@ class PerImageCSVWriter:
         engine.add_event_handler(Events.EPOCH_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._rows)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._close)
+
+    def _close(self, engine: Engine | None = None, error: BaseException | None = None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if error is not None:  # Ignite's exception event: the handler saw it, the run still fails with it
+            raise error
 
     def _start(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -130,15 +139,15 @@ class PerImageCSVWriter:
         return out
 
     def _finish(self, engine: Engine) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close()
         summary = self.summary()
-        with open(self.output_dir / "summary.csv", "w", newline="") as f:
+        partial = self.output_dir / ".summary.csv.partial"
+        with open(partial, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["score", "mean", "images", "left_out", "left_out_because"])
             for k, v in summary.items():
                 writer.writerow([k, f"{v['mean']:.6f}", v["images"], v["left_out"], SCORES.get(k, "")])
+        os.replace(partial, self.output_dir / "summary.csv")
         lines = [
             f"{k}: {v['mean']:.4f} over {v['images']} image(s)"
             + (f" ({v['left_out']} left out: {SCORES[k]})" if v["left_out"] else "")

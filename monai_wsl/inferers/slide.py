@@ -173,9 +173,10 @@ class SlideInferer:
     - ``<stem>.geojson``: the regions ``M >= threshold`` as polygons in level-0 pixels (QuPath imports them);
     - ``<stem>.json``: the slide, the level and grid used, the patches run, seconds, the slide-level class
       probabilities and how they were aggregated;
-    - with ``uncertainty``, ``<stem>_uncertainty.tif``: the binary entropy (bits, 8-bit ``round(255 H)``) of the
-      mask averaged over four test-time flips (none, horizontal, vertical, both), pyramidal like the map; the map,
-      regions and class probabilities are then those flip averages too.
+    - with ``uncertainty``, ``<stem>_uncertainty.tif``: the binary entropy (bits, 8-bit ``round(255 H)``) of each
+      patch's mask averaged over four test-time flips (none, horizontal, vertical, both), merged as the map is (where
+      patches overlap, the mean of their entropies), pyramidal like the map; the map, regions and class
+      probabilities are then those flip averages too.
 
     Each file is written under a temporary name and renamed when complete, the JSON last: a slide whose JSON exists
     is done. The same network pass serves a region of a slide (:meth:`infer_region`, as MONAI Label's pathology
@@ -401,7 +402,7 @@ class SlideInferer:
         return rgb, mask, downsample, threshold
 
     def _merger(self, shape: tuple[int, int], workdir: str) -> tuple[Any, dict]:
-        need_mb = shape[0] * shape[1] * 4 * (1 + 1 + self.uncertainty) / 2**20  # float32 values (1 or 2) + counts
+        need_mb = shape[0] * shape[1] * 4 * (1 + 1 + self.uncertainty) / 2**20  # float32 values (1 or 2), counts
         if self.merger == "memory" or (self.merger == "auto" and need_mb <= self.max_memory_mb):
             return AvgMerger, {}
         import zarr
@@ -437,7 +438,8 @@ class SlideInferer:
             tissue_downsample,
             level_downsample,
             self.min_tissue,
-            self.num_workers,
+            # tifffile's reader shares one unlocked file handle: threads only where reads are thread-safe
+            self.num_workers if self.backend.lower() in ("openslide", "cucim") else 0,
             reader=self.backend,
             level=level,
         )
@@ -528,8 +530,9 @@ class SlideInferer:
                 },
                 "uncertainty": {
                     "file": outputs["uncertainty"].name,
-                    "what": "the binary entropy (bits) of the mask averaged over four flips (none, horizontal, "
-                    "vertical, both); the map, regions and class probabilities are those averages",
+                    "what": "the binary entropy (bits) of each patch's mask averaged over four flips (none, "
+                    "horizontal, vertical, both), merged as the map (the mean where patches overlap); the map, "
+                    "regions and class probabilities are those flip averages",
                     "scale": 255,
                 }
                 if self.uncertainty
@@ -550,6 +553,8 @@ class SlideInferer:
             partial["json"].write_text(json.dumps(summary, indent=1))
             for k in outputs:  # the JSON last: it marks a finished slide
                 os.replace(partial[k], outputs[k])
+            if not self.uncertainty:  # an earlier run's, which this slide's JSON no longer describes
+                (self.output_dir / f"{stem}_uncertainty.tif").unlink(missing_ok=True)
         finally:
             self._bar = None
             for p in partial.values():

@@ -5,6 +5,7 @@ survey", MELBA 2023). It does not depend on the 0.5 threshold of the masks."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from monai.metrics import CumulativeIterationMetric
 from monai.utils import evenly_divisible_all_gather
 
@@ -60,6 +61,10 @@ def _scores_and_labels(y_score: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     if s.shape != g.shape:
         raise ValueError(f"y_score and y must have the same shape, got {tuple(s.shape)} and {tuple(g.shape)}.")
     return s, g
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def pxap_histograms(y_score: torch.Tensor, y: torch.Tensor, num_bins: int = 1000) -> torch.Tensor:
@@ -135,7 +140,12 @@ class PixelAPMetric(CumulativeIterationMetric):
         self._synced = False
 
     def _sync(self) -> None:
-        if self._synced or self._buffers is None:
+        if self._synced:
+            return
+        if self._buffers is None and self.num_bins is not None and _world_size() > 1:
+            # a rank that saw no image (a validation set smaller than the ranks) still joins the gather
+            self._buffers = [[torch.zeros(2, self.num_bins, dtype=torch.long)]]
+        if self._buffers is None:
             return
         if self.num_bins is None:
             self._synced_tensors = [evenly_divisible_all_gather(torch.cat(b, 0), concat=True) for b in self._buffers]
