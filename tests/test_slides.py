@@ -417,7 +417,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_memory_stays_bounded_when_the_slide_is_four_times_larger(tmp_path):
     """Peak RSS of whole-slide inference on a 4096 x 4096 and an 8192 x 8192 slide (the same tissue, one 1024 x 1024
     block): on disk (ZarrAvgMerger) the larger slide needs at most 1.3 x the memory. The in-memory merger, run as a
-    control, grows by more: the test can tell the two apart."""
+    control, grows by its buffers (float32 values and uint8 counts of the 3 x 4096^2 more pixels, 240 MiB): the test
+    can tell the two apart. (The control is the growth itself, not a ratio: the reader threads' allocator arenas
+    raise both baselines by up to 100 MB from one run to the next.)"""
     tissue = tissue_texture(1024, 1024)
     peaks = {}
     for side in (4096, 8192):
@@ -433,7 +435,9 @@ def test_memory_stays_bounded_when_the_slide_is_four_times_larger(tmp_path):
             peaks[side, merger] = int(out.stdout.split()[-1])
     print("peak RSS (KiB):", peaks)
     assert peaks[8192, "zarr"] <= 1.3 * peaks[4096, "zarr"], peaks
-    assert peaks[8192, "memory"] > 1.3 * peaks[4096, "memory"], peaks  # the control: a map held in memory grows
+    buffers_kib = (8192**2 - 4096**2) * (4 + 1) / 1024  # AvgMerger's values and counts for the extra pixels
+    growth = {m: peaks[8192, m] - peaks[4096, m] for m in ("zarr", "memory")}
+    assert growth["memory"] - growth["zarr"] > 0.5 * buffers_kib, (growth, buffers_kib)  # the control
 
 
 @pytest.fixture(scope="session")
