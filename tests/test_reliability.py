@@ -516,3 +516,38 @@ def test_a_data_error_from_a_worker_process_keeps_its_message():
     error = pickle.loads(pickle.dumps(DataError(["slide a.tif: cannot be read: fix it"], "the slides")))
     assert error.problems == ["slide a.tif: cannot be read: fix it"]
     assert str(error) == "1 problem(s) in the slides; nothing was run:\n  - slide a.tif: cannot be read: fix it"
+
+
+def test_the_check_reads_files_in_threads_and_reports_in_datalist_order(tmp_path, capsys, monkeypatch):
+    """The pre-flight check decodes every file whole, in threads: the problems come in the datalist's order whatever
+    thread finished first, the same as with one thread, and a progress bar shows for a large datalist."""
+    from monai_wsl.data import DataError, check, check_run
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray((rng.random((64, 64)) > 0.5).astype(np.uint8) * 255).save(tmp_path / f"{i}_mask.png")
+        items.append({"image": f"{i}.png", "label": i % 2, "mask": f"{i}_mask.png"})
+    (tmp_path / "7.png").write_bytes((tmp_path / "7.png").read_bytes()[:300])  # truncated
+    (tmp_path / "21_mask.png").unlink()
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(tmp_path / "33_mask.png")  # another size than its image
+    items[38]["label"] = 5
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items[:20], "validation": items[20:]}))
+
+    def problems(**kwargs) -> list[str]:
+        with pytest.raises(DataError) as e:
+            check_run(datalist, {"training": False, "validation": True}, **kwargs)
+        return e.value.problems
+
+    threaded = problems(num_threads=4)
+    assert threaded == problems(num_threads=1)
+    where = [p.split(" ", 1)[0].rstrip(":") for p in threaded]
+    assert where == ["training[7]", "validation[1]", "validation[13]", "validation[18]"], threaded
+    assert "7.png" in threaded[0] and "cannot be read" in threaded[0]
+    assert "21_mask.png does not exist" in threaded[1] and "33_mask.png" in threaded[2] and "label 5" in threaded[3]
+    capsys.readouterr()
+    monkeypatch.setattr(check, "PROGRESS_ABOVE", 10)
+    problems(num_threads=2)
+    assert "checking the data" in capsys.readouterr().err

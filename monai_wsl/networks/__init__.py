@@ -15,6 +15,7 @@ from .utils import (
     CPUSyncBatchNorm,
     convert_sync_batchnorm,
     fold_same_padding,
+    set_padding_mode,
     minmax_normalize,
     normalized_map,
     resize_by,
