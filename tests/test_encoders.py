@@ -158,3 +158,70 @@ def test_bundle_switches_fold_padding_and_memory_format():
         assert (len(pads) == 5) == folded
         weight = net.encoder._conv_stem.weight
         assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_padding_mode_replaces_the_zero_padding_and_keeps_the_weights():
+    """set_padding_mode swaps every zero-padding module for edge replication (or reflection): the same state dict,
+    the same values inside the image, another function at its borders, where zero padding leaves a frame in the
+    maps (docs/results.md, "Artifacts in the maps")."""
+    import copy
+
+    from monai_wsl.networks import set_padding_mode
+
+    torch.manual_seed(0)
+    plain = MaxMinUncertaintyNet(encoder="efficientnet-lite0").eval()
+    assert set_padding_mode(plain, "zeros") is plain
+    pads = [m for m in plain.modules() if isinstance(m, nn.ConstantPad2d)]
+    for mode, kind in (("replicate", nn.ReplicationPad2d), ("reflect", nn.ReflectionPad2d)):
+        other = set_padding_mode(copy.deepcopy(plain), mode)
+        assert not any(isinstance(m, nn.ConstantPad2d) for m in other.modules())
+        swapped = [m for m in other.modules() if isinstance(m, kind)]
+        assert [tuple(m.padding) for m in swapped] == [tuple(m.padding) for m in pads]
+        assert other.state_dict().keys() == plain.state_dict().keys()
+        x = torch.randn(1, 3, 128, 160)
+        with torch.no_grad():
+            assert not torch.equal(plain.encoder(x), other.encoder(x))
+    with pytest.raises(ValueError, match="padding mode must be"):
+        set_padding_mode(plain, "circular")
+
+
+def test_evaluation_and_inference_run_a_model_with_the_padding_it_was_trained_with(tmp_path):
+    """train.json's --padding_mode goes into the model card; evaluate.json and inference.json read it from the card
+    beside their checkpoint (zeros when there is no card or it predates the setting), and a command-line setting
+    still wins."""
+    import json
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from monai_wsl.handlers import MODEL_CARD
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+
+    def padding(files, **overrides):
+        parser = ConfigParser()
+        parser.read_config([str(configs / f) for f in files])
+        if "train.json" in files:  # (inference.json builds its network without the ImageNet weights)
+            overrides = {"network_def#pretrained": False, **overrides}
+        parser.update({"device": "$torch.device('cpu')", **overrides})
+        net = parser.get_parsed_content("network")
+        kinds = {type(m).__name__ for m in net.modules() if "Pad" in type(m).__name__}
+        assert len(kinds) == 1, kinds
+        return kinds.pop(), parser.get_parsed_content("padding_mode")
+
+    assert padding(["train.json"]) == ("ConstantPad2d", "zeros")
+    assert padding(["train.json"], padding_mode="replicate") == ("ReplicationPad2d", "replicate")
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    parser.update({"padding_mode": "replicate"})
+    assert parser.get_parsed_content("training_summary#trained_on")["padding_mode"] == "replicate"
+
+    checkpoint = tmp_path / "model.pt"
+    for files in (["train.json", "evaluate.json"], ["inference.json"]):
+        assert padding(files, checkpoint=str(checkpoint)) == ("ConstantPad2d", "zeros")  # no card
+        (tmp_path / MODEL_CARD).write_text(json.dumps({"trained_on": {"encoder": "efficientnet-lite0"}}))
+        assert padding(files, checkpoint=str(checkpoint)) == ("ConstantPad2d", "zeros")  # a card from before
+        (tmp_path / MODEL_CARD).write_text(json.dumps({"trained_on": {"padding_mode": "replicate"}}))
+        assert padding(files, checkpoint=str(checkpoint)) == ("ReplicationPad2d", "replicate")
+        assert padding(files, checkpoint=str(checkpoint), padding_mode="zeros") == ("ConstantPad2d", "zeros")
+        (tmp_path / MODEL_CARD).unlink()

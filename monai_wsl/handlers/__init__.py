@@ -15,4 +15,4 @@ from .loss_terms import LossTermsHandler
 from .metrics import PixelAP
 from .per_image import PerImageCSVWriter
 from .schedules import EpochSeedHandler, ScheduleHandler
-from .summary import MODEL_CARD, TrainingSummary, read_model_card
+from .summary import MODEL_CARD, TrainingSummary, read_model_card, trained_setting

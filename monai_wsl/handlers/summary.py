@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 
 from monai_wsl.utils import write_json_atomic
 
-__all__ = ["TrainingSummary", "MODEL_CARD", "read_model_card"]
+__all__ = ["TrainingSummary", "MODEL_CARD", "read_model_card", "trained_setting"]
 
 MODEL_CARD = "model_card.json"
 logger = logging.getLogger(__name__)
@@ -24,6 +24,14 @@ def read_model_card(checkpoint: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def trained_setting(checkpoint: str | Path, key: str, default: object = None) -> object:
+    """The setting ``key`` that ``checkpoint`` was trained with, as its model card records it (``trained_on``), or
+    ``default`` when the card or the key is missing (a model saved before the card recorded it). The evaluation and
+    inference configs take settings that change the network's function but not its weights (``padding_mode``) from
+    here, so that a model is run as it was trained."""
+    return ((read_model_card(checkpoint) or {}).get("trained_on") or {}).get(key, default)
 
 
 class TrainingSummary:

@@ -122,11 +122,8 @@ def _sync_group():
 class CPUSyncBatchNorm(_BatchNorm):
     """Batch normalisation whose training statistics are those of every process's images together, on CPUs
     (``gloo``), where PyTorch's ``SyncBatchNorm`` does not run: a distributed run then normalises as one process with
-    the whole batch does. Each process takes its own mean and variance with ``torch.var_mean`` (a stable native
-    kernel); the per-process statistics are combined exactly (Chan et al.'s parallel formula: the variances plus the
-    spread of the means around the global mean) in float64 with the differentiable
-    ``torch.distributed.nn.all_reduce``, two collectives of ``2 C + 1`` and ``C`` numbers, which also sum their
-    gradients. The normalisation is one multiply-add per element. Outside distributed training it is a plain
+    the whole batch does. The sums are all-reduced in float64 with the differentiable
+    ``torch.distributed.nn.all_reduce``, which also sums their gradients. Outside distributed training it is a plain
     BatchNorm. Any number of spatial dimensions."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -138,23 +135,18 @@ class CPUSyncBatchNorm(_BatchNorm):
         if not (self.training and distributed):
             return super().forward(input)
         dims, channels = [0, *range(2, input.ndim)], input.shape[1]
-        local_var, local_mean = torch.var_mean(input, dims, correction=0)
-        n = input.numel() / channels
-        local_var, local_mean = local_var.double(), local_mean.double()
+        wide = input.double()  # E[x^2] - E[x]^2 cancels badly in float32 for channels with a large mean
+        local = torch.cat([wide.sum(dims), wide.pow(2).sum(dims), wide.new_full((1,), input.numel() / channels)])
         with warnings.catch_warnings():  # the differentiable all_reduce is marked deprecated, without a successor yet
             warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=UserWarning)
-            sums = dist_nn.all_reduce(torch.cat([local_mean * n, local_var * n, local_mean.new_full((1,), n)]),
-                                      group=_sync_group())  # fmt: skip
-            count = sums[-1]
-            mean = sums[:channels] / count
-            spread = dist_nn.all_reduce((local_mean - mean).pow(2) * n, group=_sync_group())
-        var = (sums[channels : 2 * channels] + spread) / count
+            stats = dist_nn.all_reduce(local, group=_sync_group())
+        count = stats[-1]
+        mean = stats[:channels] / count
+        var = stats[channels : 2 * channels] / count - mean.pow(2)
         shape = (1, channels, *([1] * (input.ndim - 2)))
-        scale = torch.rsqrt(var + self.eps)
+        out = (input - mean.view(shape).to(input.dtype)) * torch.rsqrt(var.view(shape) + self.eps).to(input.dtype)
         if self.affine:
-            scale = scale * self.weight
-        shift = -mean * scale + (self.bias if self.affine else 0)
-        out = torch.addcmul(shift.to(input.dtype).view(shape), input, scale.to(input.dtype).view(shape))
+            out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -1,0 +1,88 @@
+"""Where a trained localizer's maps are high or low by position alone: the mean, over images, of the standardised
+class map (the softmax-weighted mix the soft mask is made from, before upsampling) per row and per column of the
+encoder's grid, for crops taken at the images' corner and again for the same crops shifted by ``--shift`` pixels.
+Content moves with the shift; a pattern tied to the borders stays where it is.
+
+    python scripts/map_profile.py --checkpoint runs/glas/models/model.pt --datalist runs/glas/datalist.json
+
+The images are read as the bundle reads them (MONAI's ``LoadImage``), so rows and columns are the bundle's. The
+padding mode is the one the model card records (``--padding_mode`` to force one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def standardised_map(net, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        scores, maps, _ = net.localize(x)
+        mixed = (scores.softmax(1)[..., None, None] * maps).sum(1)[0].numpy()
+    return (mixed - mixed.mean()) / mixed.std()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a max-min model.pt (or a training checkpoint)")
+    parser.add_argument("--datalist", required=True)
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--padding_mode", help="default: the model card's, else zeros")
+    parser.add_argument(
+        "--crop",
+        type=int,
+        nargs=2,
+        default=[704, 448],
+        help="height and width of the crop at each image's corner, as the bundle reads the image (GlaS: 775 x 522)",
+    )
+    parser.add_argument("--shift", type=int, default=64, help="pixels the second crop is moved by, down and right")
+    parser.add_argument("--json", help="also write the profiles to this file")
+    args = parser.parse_args()
+
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    from monai_wsl.data import load_datalist
+    from monai_wsl.handlers import trained_setting
+    from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
+
+    mode = args.padding_mode or trained_setting(args.checkpoint, "padding_mode", "zeros")
+    net = set_padding_mode(MaxMinUncertaintyNet(encoder=args.encoder, pretrained=False), mode)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("model", state))
+    net.eval()
+    load = LoadImage(image_only=True)
+    h, w, s = *args.crop, args.shift
+    at_corner, shifted = [], []
+    for item in load_datalist(args.datalist, args.split):
+        image = EnsureChannelFirst()(load(item["image"]))[:3].float() / 127.5 - 1
+        if image.shape[1] < h + s or image.shape[2] < w + s:
+            continue
+        x = image.as_tensor()[None]
+        at_corner.append(standardised_map(net, x[..., :h, :w]))
+        shifted.append(standardised_map(net, x[..., s : s + h, s : s + w]))
+    if not at_corner:
+        too_small = f"no image of {args.datalist} [{args.split}] is {h + s} x {w + s} pixels or more"
+        raise SystemExit(f"{too_small}: lower --crop or --shift")
+    a, b = np.mean(at_corner, 0), np.mean(shifted, 0)
+    np.set_printoptions(precision=2, suppress=True, linewidth=200)
+    print(f"{len(at_corner)} images, padding {mode}, crops {h} x {w} -> maps {a.shape[0]} x {a.shape[1]}; mean z-score")
+    for name, axis in (("rows", 1), ("columns", 0)):
+        print(f"{name} at the corner: {a.mean(axis)}")
+        print(f"{name} shifted     : {b.mean(axis)}  (content {s // 32} cells towards the start)")
+    first, second, last = (float(np.mean([a.mean(1)[i], a.mean(0)[i]])) for i in (0, 1, -1))
+    print(f"border (rows and columns together): first {first:+.2f}, second {second:+.2f}, last {last:+.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "padding_mode": mode, "images": len(at_corner), "rows": a.mean(1).tolist(), "columns": a.mean(0).tolist(),
+            "rows_shifted": b.mean(1).tolist(), "columns_shifted": b.mean(0).tolist(),
+            "first": first, "second": second, "last": last,
+        }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
