@@ -1,7 +1,8 @@
 """Where a trained localizer's maps are high or low by position alone: the mean, over images, of the standardised
 class map (the softmax-weighted mix the soft mask is made from, before upsampling) per row and per column of the
 encoder's grid, for crops taken at the images' corner and again for the same crops shifted by ``--shift`` pixels.
-Content moves with the shift; a pattern tied to the borders stays where it is.
+Content moves with the shift; a pattern tied to the borders stays where it is. Then PxAP, F1+ and F1- of the whole
+images' masks (pixels pooled over the images) within ``--band`` pixels of the edge and beyond.
 
     python scripts/map_profile.py --checkpoint runs/glas/models/model.pt --datalist runs/glas/datalist.json
 
@@ -41,6 +42,7 @@ def main() -> None:
         help="height and width of the crop at each image's corner, as the bundle reads the image (GlaS: 775 x 522)",
     )
     parser.add_argument("--shift", type=int, default=64, help="pixels the second crop is moved by, down and right")
+    parser.add_argument("--band", type=int, default=64, help="width in pixels of the border band scored apart")
     parser.add_argument("--json", help="also write the profiles to this file")
     args = parser.parse_args()
 
@@ -48,6 +50,7 @@ def main() -> None:
 
     from monai_wsl.data import load_datalist
     from monai_wsl.handlers import trained_setting
+    from monai_wsl.metrics import compute_pxap
     from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
 
     mode = args.padding_mode or trained_setting(args.checkpoint, "padding_mode", "zeros")
@@ -58,8 +61,18 @@ def main() -> None:
     load = LoadImage(image_only=True)
     h, w, s = *args.crop, args.shift
     at_corner, shifted = [], []
+    scores = {"band": ([], []), "interior": ([], [])}  # the whole images' soft masks and ground truth, by region
     for item in load_datalist(args.datalist, args.split):
         image = EnsureChannelFirst()(load(item["image"]))[:3].float() / 127.5 - 1
+        if "mask" in item:
+            with torch.no_grad():
+                mask = net.localize(image.as_tensor()[None])[2][0, 0]
+            truth = EnsureChannelFirst()(load(item["mask"]))[0].as_tensor() > 0
+            band = torch.ones_like(truth)
+            band[args.band : -args.band, args.band : -args.band] = False
+            for region, where in (("band", band), ("interior", ~band)):
+                scores[region][0].append(mask[where])
+                scores[region][1].append(truth[where])
         if image.shape[1] < h + s or image.shape[2] < w + s:
             continue
         x = image.as_tensor()[None]
@@ -76,11 +89,28 @@ def main() -> None:
         print(f"{name} shifted     : {b.mean(axis)}  (content {s // 32} cells towards the start)")
     first, second, last = (float(np.mean([a.mean(1)[i], a.mean(0)[i]])) for i in (0, 1, -1))
     print(f"border (rows and columns together): first {first:+.2f}, second {second:+.2f}, last {last:+.2f}")
+    regions = {}
+    for region, (masks, truths) in scores.items():
+        if not masks:
+            continue
+        m, t = torch.cat(masks), torch.cat(truths)
+        seg = m >= 0.5
+        regions[region] = {
+            "pixels": int(m.numel()),
+            "pxap": float(compute_pxap(m[None, None, None], t[None, None, None].float())),
+            "f1_pos": float(2 * (seg & t).sum() / (seg.sum() + t.sum()).clamp_min(1)),
+            "f1_neg": float(2 * (~seg & ~t).sum() / ((~seg).sum() + (~t).sum()).clamp_min(1)),
+        }
+        r = regions[region]
+        print(
+            f"{region:8s} ({'within' if region == 'band' else 'beyond'} {args.band} px of the edge, {r['pixels']} "
+            f"pixels, pooled): PxAP {100 * r['pxap']:.1f}, F1+ {100 * r['f1_pos']:.1f}, F1- {100 * r['f1_neg']:.1f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({
             "padding_mode": mode, "images": len(at_corner), "rows": a.mean(1).tolist(), "columns": a.mean(0).tolist(),
             "rows_shifted": b.mean(1).tolist(), "columns_shifted": b.mean(0).tolist(),
-            "first": first, "second": second, "last": last,
+            "first": first, "second": second, "last": last, "regions": regions,
         }, indent=1))  # fmt: skip
 
 

@@ -59,3 +59,39 @@ def test_recipe_run_reports_the_split_and_the_pure_compute(tmp_path):
     assert r["mean_epoch"] == r["epochs"][1]  # epoch 1 (caches) left out of the mean
     startup = r["run_seconds"] - r["epochs"][1]["total"]
     assert r["recipe_minutes"] * 60 == pytest.approx(startup + 11 * r["epochs"][1]["total"])
+
+
+def test_map_profile_scores_the_border_band_apart_and_runs_the_model_with_its_padding(tmp_path):
+    """scripts/map_profile.py: one value per row and column of the encoder's grid, the border band and the interior
+    together cover every pixel of the validation images, and the padding comes from the model card (the same weights
+    with edge replication give another profile)."""
+    import json
+    import subprocess
+
+    import torch
+
+    from monai_wsl.data import write_synthetic_histology
+    from monai_wsl.handlers import MODEL_CARD
+    from monai_wsl.networks import MaxMinUncertaintyNet
+
+    datalist = write_synthetic_histology(tmp_path / "data", num_train=2, num_valid=3, size=(256, 224), seed=0)
+    torch.manual_seed(0)
+    torch.save(MaxMinUncertaintyNet(encoder="efficientnet-lite0").state_dict(), tmp_path / "model.pt")
+
+    def profile(name: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        command = [sys.executable, str(REPO / "scripts" / "map_profile.py"), "--checkpoint", str(tmp_path / "model.pt")]
+        command += ["--datalist", str(datalist), "--crop", "192", "160", "--shift", "32", "--band", "32"]
+        subprocess.run([*command, "--json", str(out)], check=True, capture_output=True, text=True)
+        return json.loads(out.read_text())
+
+    zeros = profile("zeros")
+    assert zeros["padding_mode"] == "zeros" and zeros["images"] == 3
+    assert len(zeros["rows"]) == len(zeros["rows_shifted"]) == 6 and len(zeros["columns"]) == 5
+    regions = zeros["regions"]
+    assert regions["band"]["pixels"] == 3 * (256 * 224 - 192 * 160)
+    assert regions["interior"]["pixels"] == 3 * 192 * 160
+    assert all(0 <= regions[r][k] <= 1 for r in regions for k in ("pxap", "f1_pos", "f1_neg"))
+    (tmp_path / MODEL_CARD).write_text(json.dumps({"trained_on": {"padding_mode": "replicate"}}))
+    replicate = profile("replicate")
+    assert replicate["padding_mode"] == "replicate" and replicate["rows"] != zeros["rows"]
