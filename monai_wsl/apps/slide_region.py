@@ -106,26 +106,32 @@ def check_region_request(request: Mapping[str, Any], backend: str = "openslide")
     except (TypeError, ValueError):
         raise _refuse(f"slide {slide}: level must be a whole number, not {level_value!r}") from None
     reader, wsi = open_slide(slide, backend)  # names a missing or unreadable slide
-    n = reader.get_level_count(wsi)
-    if not 0 <= level < n:
-        sizes = ", ".join(f"{i}: {tuple(reader.get_size(wsi, i))[::-1]}" for i in range(n))
-        raise _refuse(
-            f"slide {slide} has no level {level}: it has {n} level(s) (width x height: {sizes}); ask for a level "
-            f"from 0 to {n - 1}"
-        )
-    if min(size) <= 0 or size[0] * size[1] > MAX_REGION_PIXELS:
-        raise _refuse(
-            f"slide {slide}: size {size} at level {level} is {'empty' if min(size) <= 0 else 'too large'}: ask for "
-            f"1 to {MAX_REGION_PIXELS} pixels (MONAI Label's /infer/wsi_v2 splits a large region into tile_size tiles)"
-        )
-    h0, w0 = (int(v) for v in reader.get_size(wsi, 0))
-    if min(location) < 0 or location[0] >= w0 or location[1] >= h0:
-        raise _refuse(
-            f"slide {slide}: the region at location {location} (level-0 pixels) does not start on the slide, whose "
-            f"level 0 is {w0} x {h0} pixels: ask for a location from (0, 0) to ({w0 - 1}, {h0 - 1})"
-        )
-    h, w = (int(v) for v in reader.get_size(wsi, level))
-    return SlideRegion(slide, location, size, level, float(reader.get_downsample_ratio(wsi, level)), (w, h))
+    try:
+        n = reader.get_level_count(wsi)
+        if not 0 <= level < n:
+            sizes = ", ".join(f"{i}: {tuple(reader.get_size(wsi, i))[::-1]}" for i in range(n))
+            raise _refuse(
+                f"slide {slide} has no level {level}: it has {n} level(s) (width x height: {sizes}); ask for a level "
+                f"from 0 to {n - 1}"
+            )
+        if min(size) <= 0 or size[0] * size[1] > MAX_REGION_PIXELS:
+            raise _refuse(
+                f"slide {slide}: size {size} at level {level} is {'empty' if min(size) <= 0 else 'too large'}: ask "
+                f"for 1 to {MAX_REGION_PIXELS} pixels (MONAI Label's /infer/wsi_v2 splits a large region into "
+                "tile_size tiles)"
+            )
+        h0, w0 = (int(v) for v in reader.get_size(wsi, 0))
+        if min(location) < 0 or location[0] >= w0 or location[1] >= h0:
+            raise _refuse(
+                f"slide {slide}: the region at location {location} (level-0 pixels) does not start on the slide, "
+                f"whose level 0 is {w0} x {h0} pixels: ask for a location from (0, 0) to ({w0 - 1}, {h0 - 1})"
+            )
+        h, w = (int(v) for v in reader.get_size(wsi, level))
+        return SlideRegion(slide, location, size, level, float(reader.get_downsample_ratio(wsi, level)), (w, h))
+    finally:
+        close = getattr(wsi, "close", None)  # a long-running server must not keep a handle per request
+        if close is not None:
+            close()
 
 
 def region_annotation(
