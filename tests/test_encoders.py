@@ -183,6 +183,11 @@ def test_padding_mode_replaces_the_zero_padding_and_keeps_the_weights():
             assert not torch.equal(plain.encoder(x), other.encoder(x))
     with pytest.raises(ValueError, match="padding mode must be"):
         set_padding_mode(plain, "circular")
+    # the constructor's padding_mode: both encoders of an unshared max-min network
+    built = MaxMinUncertaintyNet(encoder="efficientnet-lite0", shared_encoder=False, padding_mode="replicate")
+    for encoder in (built.encoder, built.classifier_encoder):
+        assert not any(isinstance(m, nn.ConstantPad2d) for m in encoder.modules())
+        assert len([m for m in encoder.modules() if isinstance(m, nn.ReplicationPad2d)]) == len(pads)
 
 
 def test_evaluation_and_inference_run_a_model_with_the_padding_it_was_trained_with(tmp_path):
@@ -223,5 +228,12 @@ def test_evaluation_and_inference_run_a_model_with_the_padding_it_was_trained_wi
         assert padding(files, checkpoint=str(checkpoint)) == ("ConstantPad2d", "zeros")  # a card from before
         (tmp_path / MODEL_CARD).write_text(json.dumps({"trained_on": {"padding_mode": "replicate"}}))
         assert padding(files, checkpoint=str(checkpoint)) == ("ReplicationPad2d", "replicate")
+        if files == ["inference.json"]:  # what `monai.bundle ckpt_export network_def` exports
+            parser = ConfigParser()
+            parser.read_config(str(configs / "inference.json"))
+            parser.update({"checkpoint": str(checkpoint)})
+            exported = parser.get_parsed_content("network_def")
+            assert any(isinstance(m, nn.ReplicationPad2d) for m in exported.modules())
+            assert not any(isinstance(m, nn.ConstantPad2d) for m in exported.modules())
         assert padding(files, checkpoint=str(checkpoint), padding_mode="zeros") == ("ConstantPad2d", "zeros")
         (tmp_path / MODEL_CARD).unlink()

@@ -11,6 +11,7 @@ import torch.nn as nn
 from monai.utils import str2bool
 
 from monai_wsl.networks.nets.encoders import build_encoder
+from monai_wsl.networks.utils import set_padding_mode
 
 __all__ = ["WSLNet", "MaskOutput"]
 
@@ -30,6 +31,9 @@ class WSLNet(nn.Module):
         encoder: a name in :data:`~monai_wsl.networks.nets.encoders.ENCODERS` or an ``nn.Module``.
         pretrained: load the offline ImageNet weights (EfficientNet-lite0).
         pretrained_path: a local encoder state dict to load (e.g. ImageNet ResNet-18 from torchvision).
+        padding_mode: how the encoder pads the image's borders where it pads with zeros: ``"zeros"`` (as built),
+            ``"replicate"`` or ``"reflect"`` (:func:`~monai_wsl.networks.set_padding_mode`; not in the state dict, so
+            a model must be built with the padding it was trained with: the bundle takes it from the model card).
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class WSLNet(nn.Module):
         encoder: str | nn.Module = "resnet18",
         pretrained: bool | str = False,
         pretrained_path: str | Path | None = None,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -50,13 +55,14 @@ class WSLNet(nn.Module):
             raise ValueError(f"num_classes must be >= 2 (e.g. benign / malignant), got {num_classes}.")
         self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
         self._encoder_args = (encoder, spatial_dims, in_channels, str2bool(pretrained), pretrained_path)
-        self.encoder = build_encoder(*self._encoder_args)
+        self.padding_mode = padding_mode
+        self.encoder = set_padding_mode(build_encoder(*self._encoder_args), padding_mode)
 
     def new_encoder(self) -> nn.Module:
         """Another encoder built as ``self.encoder`` was (same architecture, same initial weights' source)."""
         if isinstance(self._encoder_args[0], nn.Module):
             raise ValueError("a second encoder needs an encoder name: a module cannot be duplicated safely.")
-        return build_encoder(*self._encoder_args)
+        return set_padding_mode(build_encoder(*self._encoder_args), self.padding_mode)
 
     #: the smallest factor by which the network resizes its input (the max-min classifier sees ``x`` at 0.8)
     _smallest_scale = 1.0
