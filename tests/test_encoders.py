@@ -161,9 +161,9 @@ def test_bundle_switches_fold_padding_and_memory_format():
 
 
 def test_padding_mode_replaces_the_zero_padding_and_keeps_the_weights():
-    """set_padding_mode swaps every zero-padding module for edge replication (or reflection): the same state dict,
-    the same values inside the image, another function at its borders, where zero padding leaves a frame in the
-    maps (docs/results.md, "Artifacts in the maps")."""
+    """set_padding_mode swaps every zero-padding module for edge replication (and makes convolutions that pad by
+    themselves replicate): the same state dict, another function at the borders, where zero padding leaves a frame
+    in the maps (docs/results.md, "Artifacts in the maps")."""
     import copy
 
     from monai_wsl.networks import set_padding_mode
@@ -172,17 +172,23 @@ def test_padding_mode_replaces_the_zero_padding_and_keeps_the_weights():
     plain = MaxMinUncertaintyNet(encoder="efficientnet-lite0").eval()
     assert set_padding_mode(plain, "zeros") is plain
     pads = [m for m in plain.modules() if isinstance(m, nn.ConstantPad2d)]
-    for mode, kind in (("replicate", nn.ReplicationPad2d), ("reflect", nn.ReflectionPad2d)):
-        other = set_padding_mode(copy.deepcopy(plain), mode)
-        assert not any(isinstance(m, nn.ConstantPad2d) for m in other.modules())
-        swapped = [m for m in other.modules() if isinstance(m, kind)]
-        assert [tuple(m.padding) for m in swapped] == [tuple(m.padding) for m in pads]
-        assert other.state_dict().keys() == plain.state_dict().keys()
-        x = torch.randn(1, 3, 128, 160)
-        with torch.no_grad():
-            assert not torch.equal(plain.encoder(x), other.encoder(x))
-    with pytest.raises(ValueError, match="padding mode must be"):
-        set_padding_mode(plain, "circular")
+    other = set_padding_mode(copy.deepcopy(plain), "replicate")
+    assert not any(isinstance(m, nn.ConstantPad2d) for m in other.modules())
+    swapped = [m for m in other.modules() if isinstance(m, nn.ReplicationPad2d)]
+    assert [tuple(m.padding) for m in swapped] == [tuple(m.padding) for m in pads]
+    assert other.state_dict().keys() == plain.state_dict().keys() and other.padding_mode == "replicate"
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        assert not torch.equal(plain.encoder(x), other.encoder(x))
+    for mode in ("reflect", "circular"):
+        with pytest.raises(ValueError, match="padding mode must be 'zeros' or 'replicate'"):
+            set_padding_mode(plain, mode)
+    # ResNets pad inside their convolutions: those replicate instead
+    resnet = MaxMinUncertaintyNet(encoder="resnet18", padding_mode="replicate")
+    padded = [m for m in resnet.encoder.modules() if isinstance(m, nn.Conv2d) and any(p > 0 for p in m.padding)]
+    assert padded and all(m.padding_mode == "replicate" for m in padded)
+    with pytest.raises(ValueError, match="no zero padding"):
+        set_padding_mode(nn.Sequential(nn.Conv2d(3, 4, 1)), "replicate")
     # the constructor's padding_mode: both encoders of an unshared max-min network
     built = MaxMinUncertaintyNet(encoder="efficientnet-lite0", shared_encoder=False, padding_mode="replicate")
     for encoder in (built.encoder, built.classifier_encoder):
@@ -220,6 +226,13 @@ def test_evaluation_and_inference_run_a_model_with_the_padding_it_was_trained_wi
     parser.read_config(str(configs / "train.json"))
     parser.update({"padding_mode": "replicate"})
     assert parser.get_parsed_content("training_summary#trained_on")["padding_mode"] == "replicate"
+
+    models = tmp_path / "root" / "models"  # --resume true carries on with the padding of the model card there
+    models.mkdir(parents=True)
+    (models / MODEL_CARD).write_text(json.dumps({"trained_on": {"padding_mode": "replicate"}}))
+    resumed = {"bundle_root": str(tmp_path / "root"), "resume": "true"}
+    assert padding(["train.json"], **resumed) == ("ReplicationPad2d", "replicate")
+    assert padding(["train.json"], bundle_root=str(tmp_path / "root")) == ("ConstantPad2d", "zeros")
 
     checkpoint = tmp_path / "model.pt"
     for files in (["train.json", "evaluate.json"], ["inference.json"]):

@@ -161,23 +161,27 @@ PROGRESS_ABOVE = 500
 
 
 def _run_checks(checks: Sequence, num_threads: int | None) -> list[list[str]]:
-    """Each check's problems, in the checks' order, from a pool of threads."""
+    """Each check's problems, in the checks' order, from a pool of threads (a bar above PROGRESS_ABOVE checks)."""
     if num_threads is None:
         num_threads = min(8, os.cpu_count() or 1)
-    if num_threads <= 1 or len(checks) <= 1:
-        results = map(lambda check: check(), checks)
-    else:
-        pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="monai_wsl_check")
-        results = pool.map(lambda check: check(), checks)
-    if len(checks) > PROGRESS_ABOVE:
-        from tqdm.auto import tqdm
+    from PIL import Image
+    from tqdm.auto import tqdm
 
-        results = tqdm(results, total=len(checks), desc="checking the data", unit="item", leave=False)
-    try:
-        return list(results)
-    finally:
-        if num_threads > 1 and len(checks) > 1:
+    Image.init()  # Pillow registers its plugins on first use: once here, not in several threads at a time
+    with (
+        ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix="monai_wsl_check") as pool,
+        tqdm(total=len(checks), desc="checking the data", unit="item", leave=False,
+             disable=len(checks) <= PROGRESS_ABOVE) as bar,
+    ):  # fmt: skip
+        results = []
+        try:
+            for found in pool.map(lambda check: check(), checks) if num_threads > 1 else (c() for c in checks):
+                results.append(found)
+                bar.update()
+        except BaseException:
             pool.shutdown(cancel_futures=True)
+            raise
+    return results
 
 
 def _writable_problem(folder: str | Path) -> str | None:
@@ -238,7 +242,7 @@ def check_run(
         spatial_dims: 2 for images, 3 for volumes.
         num_threads: threads that read the files (default: one per CPU core, at most 8); every image is decoded
             whole, so a dataset of tens of thousands of patches takes minutes on one thread. A progress bar shows
-            when there are more than :data:`PROGRESS_ABOVE` files.
+            when there are more than :data:`PROGRESS_ABOVE` items (datalist items and images).
     """
     from monai_wsl.data.datalist import load_datalist, missing_mask_is_empty
 

@@ -345,16 +345,21 @@ class SlideInferer:
         slide's map there. Returns ``{"mask": (H, W) float32, "prob": (K,) float32}`` (the mean of the patches' class
         probabilities), and with ``uncertainty`` ``"uncertainty": (H, W) float32`` (bits)."""
         reader, wsi = open_slide(slide, self.backend)
-        if level is None:
-            level = choose_level(reader, wsi, slide, self.level, self.mpp)
-        else:
-            level = choose_level(reader, wsi, slide, level, None)
-        image, _ = reader.get_data(
-            wsi, location=(int(location[1]), int(location[0])), size=(int(size[1]), int(size[0])), level=level
-        )
-        image = np.array(image)
-        h, w = reader.get_size(wsi, level)
-        downsample = float(reader.get_downsample_ratio(wsi, level))
+        try:
+            if level is None:
+                level = choose_level(reader, wsi, slide, self.level, self.mpp)
+            else:
+                level = choose_level(reader, wsi, slide, level, None)
+            image, _ = reader.get_data(
+                wsi, location=(int(location[1]), int(location[0])), size=(int(size[1]), int(size[0])), level=level
+            )
+            image = np.array(image)
+            h, w = reader.get_size(wsi, level)
+            downsample = float(reader.get_downsample_ratio(wsi, level))
+        finally:  # one request, one handle: a long-running server closes it at once
+            close = getattr(wsi, "close", None)
+            if close is not None:
+                close()
         inside_h = max(0, min(int(size[1]), h - round(location[1] / downsample)))
         inside_w = max(0, min(int(size[0]), w - round(location[0] / downsample)))
         image[:, inside_h:, :] = 255

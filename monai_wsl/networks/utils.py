@@ -197,26 +197,37 @@ def fold_same_padding(module: torch.nn.Module, enabled: bool | str = True) -> to
     return module
 
 
-_PADS = {
-    "replicate": {2: torch.nn.ReplicationPad2d, 3: torch.nn.ReplicationPad3d},
-    "reflect": {2: torch.nn.ReflectionPad2d, 3: torch.nn.ReflectionPad3d},
-}
+_PADS = {"replicate": {2: torch.nn.ReplicationPad2d, 3: torch.nn.ReplicationPad3d}}
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 def set_padding_mode(module: torch.nn.Module, mode: str = "zeros") -> torch.nn.Module:
-    """Pad the images' borders by ``mode`` instead of zeros in every padding module of the encoder (MONAI's
-    EfficientNet pads each convolution with a ``ConstantPad`` module ``<name>_padding``), in place; returns ``module``.
+    """Pad the images' borders by repeating their edge instead of with zeros, in place; returns ``module``.
 
-    ``"zeros"`` leaves the network as it is; ``"replicate"`` repeats the edge values, ``"reflect"`` mirrors them. The
-    weights and the state dict are unchanged (the same checkpoint loads either way), but the function is not: a
-    network is evaluated with the padding it was trained with."""
+    ``"replicate"`` swaps every zero ``ConstantPad`` module (MONAI's EfficientNet pads each convolution with one,
+    ``<name>_padding``) for a ``ReplicationPad`` of the same sizes, and makes the convolutions that pad by themselves
+    (ResNets) replicate too. ``"zeros"`` leaves the network as it is (it does not undo an earlier ``"replicate"``).
+    The weights and the state dict are unchanged (the same checkpoint loads either way), but the function is not: a
+    network is run with the padding it was trained with. Reflection is not offered: MONAI's "same" padding is fixed
+    when the network is built (2 pixels a side for the 5 x 5 convolutions), and a reflection needs more pixels than
+    it pads, which small inputs do not have at the coarsest resolutions."""
     if mode == "zeros":
         return module
     if mode not in _PADS:
-        raise ValueError(f"padding mode must be 'zeros', 'replicate' or 'reflect', got {mode!r}.")
+        raise ValueError(f"padding mode must be 'zeros' or 'replicate', got {mode!r}.")
+    changed = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, (torch.nn.ConstantPad2d, torch.nn.ConstantPad3d)) and child.value == 0:
                 dims = 2 if isinstance(child, torch.nn.ConstantPad2d) else 3
                 setattr(parent, name, _PADS[mode][dims](tuple(child.padding)))
+                changed += 1
+            elif isinstance(child, _CONVS) and child.padding_mode == "zeros" and child.padding != "valid":
+                if isinstance(child.padding, str) or any(p > 0 for p in child.padding):
+                    child.padding_mode = mode
+                    changed += 1
+    if not changed:
+        raise ValueError(f"{type(module).__name__} has no zero padding to make {mode!r}.")
+    if hasattr(module, "padding_mode") and not isinstance(module, _CONVS):
+        module.padding_mode = mode
     return module
