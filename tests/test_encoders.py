@@ -187,8 +187,9 @@ def test_padding_mode_replaces_the_zero_padding_and_keeps_the_weights():
     resnet = MaxMinUncertaintyNet(encoder="resnet18", padding_mode="replicate")
     padded = [m for m in resnet.encoder.modules() if isinstance(m, nn.Conv2d) and any(p > 0 for p in m.padding)]
     assert padded and all(m.padding_mode == "replicate" for m in padded)
-    with pytest.raises(ValueError, match="no zero padding"):
+    with pytest.raises(ValueError, match="pads nowhere.*keep padding_mode 'zeros'"):
         set_padding_mode(nn.Sequential(nn.Conv2d(3, 4, 1)), "replicate")
+    assert set_padding_mode(other, "replicate") is other  # asked twice (the switch on a replicate network_def): as is
     # the constructor's padding_mode: both encoders of an unshared max-min network
     built = MaxMinUncertaintyNet(encoder="efficientnet-lite0", shared_encoder=False, padding_mode="replicate")
     for encoder in (built.encoder, built.classifier_encoder):

@@ -226,8 +226,16 @@ def set_padding_mode(module: torch.nn.Module, mode: str = "zeros") -> torch.nn.M
                 if isinstance(child.padding, str) or any(p > 0 for p in child.padding):
                     child.padding_mode = mode
                     changed += 1
-    if not changed:
-        raise ValueError(f"{type(module).__name__} has no zero padding to make {mode!r}.")
+    already = any(
+        isinstance(m, (torch.nn.ReplicationPad2d, torch.nn.ReplicationPad3d))
+        or (isinstance(m, _CONVS) and m.padding_mode == mode)
+        for m in module.modules()
+    )  # built with padding_mode="replicate" and asked again (the bundle's switch on such a network_def): nothing to do
+    if not changed and not already:
+        raise ValueError(
+            f"{type(module).__name__} pads nowhere, so padding mode {mode!r} has nothing to change: it applies to "
+            "encoders that pad their convolutions (EfficientNet, ResNet); keep padding_mode 'zeros' for this network."
+        )
     if hasattr(module, "padding_mode") and not isinstance(module, _CONVS):
         module.padding_mode = mode
     return module

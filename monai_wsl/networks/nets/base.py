@@ -31,9 +31,9 @@ class WSLNet(nn.Module):
         encoder: a name in :data:`~monai_wsl.networks.nets.encoders.ENCODERS` or an ``nn.Module``.
         pretrained: load the offline ImageNet weights (EfficientNet-lite0).
         pretrained_path: a local encoder state dict to load (e.g. ImageNet ResNet-18 from torchvision).
-        padding_mode: how the encoder pads the image's borders where it pads with zeros: ``"zeros"`` (as built),
-            ``"replicate"`` or ``"reflect"`` (:func:`~monai_wsl.networks.set_padding_mode`; not in the state dict, so
-            a model must be built with the padding it was trained with: the bundle takes it from the model card).
+        padding_mode: how the encoder pads the image's borders: ``"zeros"`` (as built) or ``"replicate"`` (the
+            edge repeated; :func:`~monai_wsl.networks.set_padding_mode`). Not in the state dict, so a model must be
+            built with the padding it was trained with: the bundle takes it from the model card.
     """
 
     def __init__(
