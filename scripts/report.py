@@ -69,12 +69,20 @@ RUNS = [
     Run("sigma", "sigma_fixed", "sigma fixed at 0.15", overrides={SIGMA: "$lambda epoch: 0.15"}),
     Run("sigma", "sigma_fast", "sigma 0.15 + 0.005 / epoch, max 0.25",
         overrides={SIGMA: "$lambda epoch: min(0.15 + 0.005 * epoch, 0.25)"}),
+    Run("study", "study_default", "default recipe", same_as="maxmin_sem"),
+    Run("study", "pad_replicate", "encoder padding: replicate the edge", overrides={"padding_mode": "replicate"}),
+    Run("study", "study_lambda_1e-1", "lambda = 1e-1", same_as="lambda_1e-1"),
+    Run("study", "eval_train_scale", "default model, evaluated at the training scale (short side as trained)",
+        overrides={"eval_short_side": "$@resize_short_side"}, evaluates="maxmin_sem"),
+    Run("study", "mask_norm_batch", "soft mask normalised over the batch in training (the authors' code)",
+        overrides={"network_def#train_mask_norm": "batch"}),
 ]  # fmt: skip
 GROUPS = {
     "methods": "Methods (same data, encoder, recipe and metrics; only the method's config differs)",
     "ablation": "Ablation of the max-min loss (loss switches)",
     "lambda": "Background weight lambda (SEM, with ASC)",
     "sigma": "Mask threshold schedule sigma (SEM, lambda 1e-7, with ASC)",
+    "study": "The mask-quality study (max-min SEM; one change each against the default recipe)",
 }
 COLUMNS = [  # saved metric, header, scale
     ("val_accuracy", "cl. err. (%)", "error"),
@@ -122,7 +130,7 @@ def run_all(args, runs: list[Run]) -> int:
         (out / "datalist.json").write_text(json.dumps(content, indent=1))
     recipe = {k: v for k, v in (("max_epochs", args.max_epochs), ("crop_size", args.crop_size),
                                 ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
-    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, **recipe}
+    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, **recipe, **args.set}
     env = job_environment(args.jobs)
     by_name = {r.name: r for r in RUNS}
 
@@ -368,12 +376,32 @@ def build_parser() -> argparse.ArgumentParser:
         "cores // jobs CPU threads unless OMP_NUM_THREADS is set",
     )
     parser.add_argument("--figure-images", type=int, default=4)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a bundle override for every run, e.g. --set fold_padding=true --set 'memory_format=$torch.channels_last' "
+        "(the CPU speed switches) or --set snapshot_interval=1; a run's own overrides win",
+    )
     return parser
+
+
+def parse_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: VALUE}``; a malformed item is a usage error naming it."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set {item!r}: give KEY=VALUE, e.g. --set fold_padding=true")
+        settings[key.strip()] = value
+    return settings
 
 
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
+    args.set = parse_settings(parser, args.set)
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give the number of trainings to run at once, 1 or more")
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]

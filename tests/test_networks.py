@@ -71,6 +71,36 @@ def test_soft_mask_formula_and_per_image_normalisation():
     assert torch.equal(m[0, 0] >= 0.5, torch.tensor([[False, True], [True, True]]))
 
 
+def test_batch_normalisation_of_the_soft_mask_in_training_only():
+    """``train_mask_norm="batch"`` (the authors' training code): one min and max over the batch in training, so an
+    image with a weaker map gets a smaller mask than alone; per image in eval mode, as the paper."""
+    maps = torch.zeros(2, 2, 2, 2)
+    maps[0, 0] = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    maps[1, 1] = torch.tensor([[10.0, 0.0], [0.0, 0.0]])
+    scores = torch.tensor([[50.0, -50.0], [-50.0, 50.0]])
+    m = soft_mask(maps, scores, (2, 2), sigma=0.15, w=5.0, per_image=False)
+    torch.testing.assert_close(m[0, 0], torch.sigmoid(5 * (torch.tensor([[0.0, 0.1], [0.2, 0.4]]) - 0.15)))
+    torch.testing.assert_close(m[1, 0, 0, 0], torch.sigmoid(torch.tensor(5 * 0.85)))
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="resnet18", train_mask_norm="batch", wildcat={"dropout": 0.0})
+    x = torch.rand(2, 3, 64, 64)
+    x[1] *= 0.1  # another range of activations, so the two normalisations differ
+    with torch.no_grad():
+        net.train()
+        for module in net.modules():  # batch statistics would differ with the batch: use the running ones
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        batch = net.localize(x)[2]
+        per_image = torch.cat([net.localize(x[i : i + 1])[2] for i in range(2)])
+        net.eval()
+        evaluated = net.localize(x)[2]
+    torch.testing.assert_close(evaluated, per_image)
+    assert not torch.allclose(batch, per_image)
+    assert batch.amax() == pytest.approx(float(per_image.amax()), abs=1e-6)  # the batch's max image reaches 1
+    with pytest.raises(ValueError, match="train_mask_norm"):
+        MaxMinUncertaintyNet(encoder="resnet18", train_mask_norm="slide")
+
+
 def test_constant_map_is_guarded():
     out = minmax_normalize(torch.full((1, 1, 3, 3), 7.0))
     assert torch.isfinite(out).all() and (out == 0).all()
@@ -254,3 +284,27 @@ def test_cpu_sync_batchnorm_trains_as_one_process_with_the_whole_batch():
     for _, loss_diff, gradient_diff, stats_diff in outcome:
         # the loss terms are computed in float32 (as in mixed precision), the network in float64
         assert abs(loss_diff) < 1e-6 and gradient_diff < 1e-9 and stats_diff < 1e-10, (loss_diff, gradient_diff)
+
+
+def test_inferer_at_the_training_scale_returns_the_mask_at_the_images_size():
+    """``WSLInferer(short_side=N)``: the network sees the image resized as the training resized it (short side N,
+    ResizeShortSide), the mask comes back at the image's size, the logits are those of the resized image."""
+    from monai_wsl.inferers import WSLInferer
+    from monai_wsl.networks.utils import upsample
+    from monai_wsl.transforms import ResizeShortSide
+
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="resnet18").eval()
+    x = torch.rand(2, 3, 96, 144)
+    with torch.no_grad():
+        out = WSLInferer(short_side=64)(x, net)
+        small = net.predict(torch.stack([ResizeShortSide(64)(img) for img in x]))
+        same = WSLInferer(short_side=96)(x, net)
+        plain = WSLInferer()(x, net)
+    assert small["mask"].shape == (2, 1, 64, 96) and out["mask"].shape == (2, 1, 96, 144)
+    torch.testing.assert_close(out["mask"], upsample(small["mask"], (96, 144)))
+    torch.testing.assert_close(out["logits"], small["logits"])
+    torch.testing.assert_close(same["mask"], plain["mask"])  # already at that scale: untouched
+    assert not torch.allclose(out["mask"], plain["mask"])
+    with pytest.raises(ValueError, match="short_side"):
+        WSLInferer(short_side=0)

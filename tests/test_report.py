@@ -269,3 +269,37 @@ def test_a_failed_training_skips_the_evaluations_of_its_model(monkeypatch, tmp_p
     assert not any(name == "gradcam" for name, _ in calls)  # Grad-CAM not tried without its model
     assert ("maxmin_sem", ("train.json", "recipes/glas.json", "evaluate.json")) in calls  # max-min evaluated
     assert "[skipped] gradcam seed 0: cam seed 0 failed" in capsys.readouterr().out
+
+
+def test_set_passes_bundle_overrides_to_every_run_and_refuses_a_malformed_one(monkeypatch, tmp_path):
+    """``--set KEY=VALUE`` reaches every bundle command of ``--run`` (the CPU switches of the study); a run's own
+    overrides win; an item without ``=`` is a usage error naming it."""
+    report = load_report()
+    parser = report.build_parser()
+    settings = report.parse_settings(parser, ["fold_padding=true", "memory_format=$torch.channels_last", "a=b=c"])
+    assert settings == {"fold_padding": "true", "memory_format": "$torch.channels_last", "a": "b=c"}
+    with pytest.raises(SystemExit):
+        report.parse_settings(parser, ["fold_padding"])
+
+    calls = []
+
+    def fake_run_bundle(configs, overrides, log, env=None):
+        calls.append((list(configs), dict(overrides)))
+        root = Path(overrides["bundle_root"])
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        (root / "models" / "model.pt").write_bytes(b"")
+        if "evaluate.json" in configs:
+            Path(overrides["output_dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(overrides["output_dir"]) / "metrics.csv").write_text("val_accuracy,1.0\n")
+        return 1.0
+
+    monkeypatch.setattr(report, "run_bundle", fake_run_bundle)
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": []}))
+    args = parser.parse_args(["--out", str(tmp_path), "--run", "--set", "fold_padding=true", "--set", "padding_mode=x"])
+    args.set = report.parse_settings(parser, args.set)
+    runs = [r for r in report.RUNS if r.name in ("maxmin_sem", "pad_replicate")]
+    assert report.run_all(args, runs) == 0
+    assert len(calls) == 4  # a training and an evaluation each
+    assert all(overrides["fold_padding"] == "true" for _, overrides in calls)
+    padding = {Path(o["bundle_root"]).parent.name: o["padding_mode"] for _, o in calls}
+    assert padding == {"maxmin_sem": "x", "pad_replicate": "replicate"}  # the run's own override wins

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 
 from monai_wsl.networks.nets.base import MaskOutput
-from monai_wsl.networks.utils import normalized_map, unwrap
+from monai_wsl.networks.utils import as_plain_tensor, normalized_map, unwrap, upsample
+from monai_wsl.transforms.augment import ResizeShortSide
 
 __all__ = ["WSLInferer", "GradCAMInferer", "CAM_METHODS"]
 
@@ -25,7 +26,19 @@ class WSLInferer(Inferer):
     Works for every :class:`~monai_wsl.networks.nets.base.WSLNet`, for the :class:`~monai_wsl.networks.MaskOutput`
     view that ``inference.json`` and MONAI Label load, and through DDP / DataParallel wrappers. Follow it with
     :class:`~monai_wsl.transforms.SplitPredictiond` in the postprocessing.
+
+    Args:
+        short_side: ``None`` runs the network on the images as they are. A number resizes each image so that its
+            shortest side has that many pixels (:class:`~monai_wsl.transforms.ResizeShortSide`, as the training
+            augmentation does before its crops) and brings the mask back to the image's size (bilinear), so that
+            the network sees tissue at the scale it was trained on.
     """
+
+    def __init__(self, short_side: int | None = None) -> None:
+        super().__init__()
+        if short_side is not None and int(short_side) < 1:
+            raise ValueError(f"short_side must be None or a positive number of pixels, got {short_side}.")
+        self.short_side = None if short_side is None else int(short_side)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         net = unwrap(network)
@@ -34,7 +47,12 @@ class WSLInferer(Inferer):
                 f"WSLInferer needs a monai_wsl network with predict(), got {type(net).__name__}; use "
                 "monai.inferers.SimpleInferer for other networks."
             )
-        return net.predict(inputs)
+        if self.short_side is None or min(inputs.shape[2:]) == self.short_side:
+            return net.predict(inputs)
+        resize = ResizeShortSide(self.short_side)
+        out = dict(net.predict(torch.stack([resize(as_plain_tensor(x)) for x in inputs])))
+        out["mask"] = upsample(out["mask"], inputs.shape[2:])
+        return out
 
 
 class GradCAMInferer(Inferer):

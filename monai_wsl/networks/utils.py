@@ -52,20 +52,27 @@ def resize_by(x: torch.Tensor, scale: float) -> torch.Tensor:
     return upsample(x, [max(1, int(s * scale)) for s in x.shape[2:]])
 
 
-def minmax_normalize(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Min-max normalise each map of ``(B, C, *spatial)`` to [0, 1], per image and channel.
+def minmax_normalize(maps: torch.Tensor, eps: float = 1e-8, per_image: bool = True) -> torch.Tensor:
+    """Min-max normalise each map of ``(B, C, *spatial)`` to [0, 1], per image and channel (``per_image=False``:
+    one minimum and maximum per channel over the whole batch, as the authors' training code does).
 
     A constant map (max == min) becomes all zeros instead of dividing by zero.
     """
+    if not per_image:
+        flat = maps.transpose(0, 1).flatten(1)
+        lo = flat.amin(-1).view(1, maps.shape[1], *([1] * (maps.ndim - 2)))
+        hi = flat.amax(-1).view_as(lo)
+        return (maps - lo) / (hi - lo).clamp_min(eps)
     flat = maps.flatten(2)
     lo = flat.amin(-1).view(*maps.shape[:2], *([1] * (maps.ndim - 2)))
     hi = flat.amax(-1).view_as(lo)
     return (maps - lo) / (hi - lo).clamp_min(eps)
 
 
-def normalized_map(maps: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
-    """Upsample ``(B, C, h, w)`` maps to ``spatial_size`` and min-max normalise each per image: values in [0, 1]."""
-    return minmax_normalize(upsample(maps, spatial_size))
+def normalized_map(maps: torch.Tensor, spatial_size: Sequence[int], per_image: bool = True) -> torch.Tensor:
+    """Upsample ``(B, C, h, w)`` maps to ``spatial_size`` and min-max normalise each per image (or over the batch):
+    values in [0, 1]."""
+    return minmax_normalize(upsample(maps, spatial_size), per_image=per_image)
 
 
 def soft_mask(
@@ -74,6 +81,7 @@ def soft_mask(
     spatial_size: Sequence[int],
     sigma: float | torch.Tensor = 0.15,
     w: float = 5.0,
+    per_image: bool = True,
 ) -> torch.Tensor:
     """The max-min soft mask ``M = sigmoid(w * (A_norm - sigma))``.
 
@@ -87,6 +95,7 @@ def soft_mask(
         spatial_size: the input image's spatial size.
         sigma: threshold, in [0, 1] of the normalised map.
         w: slope of the sigmoid.
+        per_image: min-max normalise each image's map (the paper); ``False``: over the whole batch.
 
     Returns:
         ``(B, 1, *spatial_size)`` mask in (0, 1).
@@ -97,7 +106,7 @@ def soft_mask(
         )
     probs = scores.softmax(1).view(*scores.shape, *([1] * (class_maps.ndim - 2)))
     mixed = (probs * class_maps).sum(1, keepdim=True)
-    return torch.sigmoid(w * (normalized_map(mixed, spatial_size) - sigma))
+    return torch.sigmoid(w * (normalized_map(mixed, spatial_size, per_image) - sigma))
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -5,6 +5,7 @@ from .augment import (
     RandColorJitterD,
     RandColorJitterd,
     RandColorJitterDict,
+    ResizeShortSide,
     ResizeShortSideD,
     ResizeShortSided,
     ResizeShortSideDict,

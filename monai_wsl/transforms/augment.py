@@ -8,10 +8,11 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform, Resize
+from monai.transforms import MapTransform, RandomizableTransform, Resize, Transform
 from monai.utils import convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 
 __all__ = [
+    "ResizeShortSide",
     "ResizeShortSided",
     "ResizeShortSideD",
     "ResizeShortSideDict",
@@ -23,9 +24,35 @@ __all__ = [
 ]
 
 
+class ResizeShortSide(Transform):
+    """Resize a channel-first image ``(C, *spatial)`` so that its shortest spatial side equals ``size``, keeping the
+    aspect ratio (the recipe's "short side 432" before a random 416 crop). Images smaller than ``size`` are enlarged.
+    Shrinking smooths first (MONAI's anti-aliasing) except for label maps.
+
+    Args:
+        size: target length of the shortest side.
+        mode: interpolation (``"bilinear"`` for images, ``"nearest"`` for masks).
+    """
+
+    def __init__(self, size: int, mode: str = "bilinear") -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}.")
+        self.size, self.mode = int(size), mode
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        spatial = img.shape[1:]
+        scale = self.size / min(spatial)
+        target = [max(self.size, int(round(s * scale))) for s in spatial]
+        # Masks (nearest) must stay label maps: no corner alignment to choose, no smoothing before shrinking.
+        exact = self.mode in ("nearest", "nearest-exact", "area")
+        resize = Resize(
+            target, mode=self.mode, align_corners=None if exact else False, anti_aliasing=scale < 1 and not exact
+        )
+        return resize(img)
+
+
 class ResizeShortSided(MapTransform):
-    """Resize so that the shortest spatial side equals ``size``, keeping the aspect ratio (the recipe's "short side
-    432" before a random 416 crop). Images smaller than ``size`` are enlarged, so the crop always fits.
+    """Dictionary version of :class:`ResizeShortSide`.
 
     Args:
         keys: keys to resize (all with the same spatial size, e.g. image and mask).
@@ -41,22 +68,13 @@ class ResizeShortSided(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}.")
+        self.resizers = [ResizeShortSide(size, m) for m in ensure_tuple_rep(mode, len(self.keys))]
         self.size = int(size)
-        self.mode = ensure_tuple_rep(mode, len(self.keys))
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
-        for key, mode in self.key_iterator(d, self.mode):
-            spatial = d[key].shape[1:]
-            scale = self.size / min(spatial)
-            target = [max(self.size, int(round(s * scale))) for s in spatial]
-            # Masks (nearest) must stay label maps: no corner alignment to choose, no smoothing before shrinking.
-            exact = mode in ("nearest", "nearest-exact", "area")
-            d[key] = Resize(
-                target, mode=mode, align_corners=None if exact else False, anti_aliasing=scale < 1 and not exact
-            )(d[key])
+        for key, resize in self.key_iterator(d, self.resizers):
+            d[key] = resize(d[key])
         return d
 
 

@@ -33,6 +33,8 @@ class MaxMinUncertaintyNet(WSLNet):
         sigma: initial mask threshold (a buffer, saved with the weights; the bundle's schedule grows it).
         w: sigmoid slope of the soft mask.
         scale_in_cl: resize factor of the classifier's inputs.
+        train_mask_norm: ``"image"`` min-max normalises each image's map (the paper, and always at evaluation);
+            ``"batch"`` normalises over the whole batch in training, as the authors' training code does.
         kwargs: the encoder settings of :class:`~monai_wsl.networks.nets.base.WSLNet` (``spatial_dims``,
             ``in_channels``, ``num_classes``, ``encoder``, ``pretrained``, ``pretrained_path``).
 
@@ -57,9 +59,13 @@ class MaxMinUncertaintyNet(WSLNet):
         sigma: float = 0.15,
         w: float = 5.0,
         scale_in_cl: float = 0.8,
+        train_mask_norm: str = "image",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if train_mask_norm not in ("image", "batch"):
+            raise ValueError(f"train_mask_norm must be 'image' or 'batch', got {train_mask_norm!r}.")
+        self.train_mask_norm = train_mask_norm
         if not 0 < scale_in_cl <= 1:
             raise ValueError(f"scale_in_cl must be in (0, 1], got {scale_in_cl}.")
         if not 0 <= sigma <= 1:
@@ -78,7 +84,8 @@ class MaxMinUncertaintyNet(WSLNet):
         """Localizer pass: ``(B, C, *spatial)`` -> scores ``(B, K)``, class maps ``(B, K, *low)`` and the soft mask
         ``(B, 1, *spatial)``."""
         scores, maps = self.localizer_head(self.encoder(x))
-        return scores, maps, soft_mask(maps, scores, x.shape[2:], self.sigma, self.w)
+        per_image = not (self.training and self.train_mask_norm == "batch")
+        return scores, maps, soft_mask(maps, scores, x.shape[2:], self.sigma, self.w, per_image)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Classifier pass on already-masked images: ``(N, C, *spatial) -> (N, K)`` logits."""

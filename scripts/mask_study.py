@@ -1,0 +1,247 @@
+"""A trained max-min run, looked at again without training: which epoch each selection rule picks, and what other
+rules for turning the localizer's map into a mask would score, on the same validation images.
+
+    python scripts/mask_study.py --run runs/study/maxmin_sem/seed0 --datalist runs/study/datalist.json
+
+1. Model selection, from the per-epoch validation metrics the bundle logs (``train.log``): best accuracy with ties
+   to the later epoch (the paper's rule, the bundle's ``model.pt``), best PxAP (B-LOC, which uses the validation
+   masks), best accuracy then PxAP, and the last epoch.
+2. Mask rules, on the selected model (``models/model.pt``) and, where the run kept ``--snapshot_interval`` weights,
+   on each rule's epoch: the bundle's mask ``M >= 0.5`` (``A_norm >= sigma``); ``M`` averaged over four flips;
+   ``A_norm >= tau`` for other thresholds; a percentile min-max instead of min-max (one peak no longer sets the
+   scale); and the localizer's evidence for its class, ``A_c - max_other A_k > 0``, with no per-image normalisation.
+   Each with F1+, F1-, PxAP (pooled, binned as the bundle's) and the mask's share of the image against the glands'
+   share, by class.
+
+Images and masks are read and scaled as the bundle's validation reads them; the default rule reproduces the
+bundle's validation metrics of the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*val_accuracy.*)$")
+
+
+def epoch_metrics(train_log: str | Path) -> dict[int, dict[str, float]]:
+    """``{epoch: {metric: value}}`` of the validation lines (``Epoch[N] Metrics -- val_...``) of a bundle log; a
+    resumed run's later line for an epoch wins."""
+    found: dict[int, dict[str, float]] = {}
+    for line in Path(train_log).read_text().splitlines():
+        match = METRICS_LINE.search(line)
+        if match:
+            pairs = re.findall(r"(\w+): ([-+0-9.eE]+|nan)", match.group(2))
+            found[int(match.group(1))] = {k: float(v) for k, v in pairs}
+    return found
+
+
+def select_epochs(metrics: dict[int, dict[str, float]]) -> dict[str, int]:
+    """The epoch each selection rule picks (ties to the later epoch, as the bundle's saver)."""
+    if not metrics:
+        raise ValueError("no validation metrics: the log holds no 'Epoch[N] Metrics -- val_accuracy ...' line")
+    epochs = sorted(metrics)
+
+    def best(key) -> int:
+        return max(epochs, key=lambda e: (key(metrics[e]), e))
+
+    top = max(m["val_accuracy"] for m in metrics.values())
+    return {
+        "accuracy (paper)": best(lambda m: m["val_accuracy"]),
+        "PxAP (B-LOC)": best(lambda m: m["val_pxap"]),
+        "accuracy, then PxAP": best(lambda m: (m["val_accuracy"] == top, m["val_pxap"])),
+        "last epoch": epochs[-1],
+    }
+
+
+def flips(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every combination of flips of the spatial axes of ``(B, C, *spatial)`` (identity first)."""
+    axes = list(range(2, 2 + spatial_dims))
+    combos: list[tuple[int, ...]] = [()]
+    for a in axes:
+        combos += [c + (a,) for c in combos]
+    return combos
+
+
+def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.flip(dims) if dims else x
+
+
+def percentile_normalize(maps: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
+    """Per-image min-max normalisation between the ``low`` and ``high`` quantiles, clipped to [0, 1]."""
+    flat = maps.flatten(1).float()
+    lo, hi = torch.quantile(flat, low, dim=1), torch.quantile(flat, high, dim=1)
+    shape = (-1,) + (1,) * (maps.ndim - 1)
+    return ((maps - lo.view(shape)) / (hi - lo).clamp_min(1e-8).view(shape)).clamp(0, 1)
+
+
+def mask_rules(
+    net, x: torch.Tensor, thresholds: list[float], short_side: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{rule: (score map in [0, 1], binary mask)}``, each ``(1, 1, *spatial)`` at the size of ``x`` ``(1, C,
+    *spatial)``; the network sees ``x`` resized to ``short_side`` as ``WSLInferer(short_side)`` resizes it (its map
+    is upsampled to ``x``'s size directly)."""
+    from monai_wsl.networks.utils import minmax_normalize, soft_mask, upsample
+    from monai_wsl.transforms import ResizeShortSide
+
+    sigma, w = float(net.sigma), float(net.w)
+    size = x.shape[2:]
+    x_in = x if short_side is None else ResizeShortSide(short_side)(x[0])[None]
+    with torch.no_grad():
+        outputs = [net.localize(_flip(x_in, d))[:2] for d in flips(x.ndim - 2)]
+    views = [(s, _flip(m, d)) for (s, m), d in zip(outputs, flips(x.ndim - 2))]
+    scores, maps = views[0]
+    mask = soft_mask(maps, scores, size, sigma, w)
+    averaged = torch.stack([soft_mask(m, s, size, sigma, w) for s, m in views]).mean(0)
+    probs = scores.softmax(1).view(*scores.shape, *([1] * (maps.ndim - 2)))
+    mixed = upsample((probs * maps).sum(1, keepdim=True), size)
+    a_norm = minmax_normalize(mixed)
+    robust = torch.sigmoid(w * (percentile_normalize(mixed) - sigma))
+    c = int(scores.argmax(1))
+    others = torch.cat([maps[:, :c], maps[:, c + 1 :]], 1).amax(1, keepdim=True)
+    evidence = upsample(maps[:, c : c + 1] - others, size)
+    rules = {
+        "M >= 0.5 (the bundle's)": (mask, mask >= 0.5),
+        "M averaged over flips >= 0.5": (averaged, averaged >= 0.5),
+        "percentile (1-99 %) min-max, sigmoid >= 0.5": (robust, robust >= 0.5),
+        "evidence A_c - A_other > 0 (no normalisation)": (torch.sigmoid(evidence), evidence > 0),
+    }
+    for tau in thresholds:
+        rules[f"A_norm >= {tau:g}"] = (mask, a_norm >= tau)
+    return rules
+
+
+def evaluate_rules(
+    net, items: list[dict], thresholds: list[float], short_sides: list[int | None]
+) -> dict[str, dict[str, float]]:
+    """Per rule and input scale (``None``: the image as it is, the bundle's; else resized so that its short side
+    is that many pixels, the mask scored at the image's own size): mean F1+ / F1- over images, pooled binned PxAP,
+    and the mean mask / ground-truth share by class."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    load = LoadImage(image_only=True)
+    per_rule: dict[str, dict] = {}
+    for item in items:
+        image = EnsureChannelFirst()(load(item["image"])).as_tensor().float()
+        if image.shape[0] == 1:
+            image = image.expand(3, *image.shape[1:])
+        x = (image[:3] / 127.5 - 1)[None]
+        truth = (EnsureChannelFirst()(load(item["mask"])).as_tensor()[:1] > 0).float()[None]
+        label = int(item["label"])
+        for short in short_sides:
+            where = "as is" if short is None else f"short side {short}"
+            for name, (score, seg) in mask_rules(net, x, thresholds, short).items():
+                record(per_rule, f"{name}, {where}", score, seg, truth, label)
+    return summarise(per_rule)
+
+
+def record(per_rule: dict, name: str, score, seg, truth, label: int) -> None:
+    """Add one image's scores under ``name``."""
+    from monai.metrics import compute_dice
+
+    from monai_wsl.metrics import PixelAPMetric
+
+    r = per_rule.setdefault(name, {"f1_pos": [], "f1_neg": [], "pxap": PixelAPMetric(), "share": {}})
+    seg = seg.float()
+    r["f1_pos"].append(float(compute_dice(seg, truth)))
+    r["f1_neg"].append(float(compute_dice(1 - seg, 1 - truth)))
+    r["pxap"](y_pred=score.clamp(0, 1), y=truth)
+    r["share"].setdefault(label, []).append((float(seg.mean()), float(truth.mean())))
+
+
+def summarise(per_rule: dict) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, r in per_rule.items():
+        row = {
+            "f1_pos": float(torch.tensor(r["f1_pos"]).nanmean()),
+            "f1_neg": float(torch.tensor(r["f1_neg"]).nanmean()),
+            "pxap": float(r["pxap"].aggregate()),
+        }
+        for label, pairs in sorted(r["share"].items()):
+            row[f"mask_share_{label}"] = sum(p[0] for p in pairs) / len(pairs)
+            row[f"truth_share_{label}"] = sum(p[1] for p in pairs) / len(pairs)
+        out[name] = row
+    return out
+
+
+def load_network(checkpoint: Path, encoder: str):
+    from monai_wsl.handlers import trained_setting
+    from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
+
+    mode = trained_setting(checkpoint, "padding_mode", "zeros")
+    net = set_padding_mode(MaxMinUncertaintyNet(encoder=encoder, pretrained=False), mode)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("model", state))
+    return net.eval()
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a bundle_root of a max-min training (train.log, models/)")
+    parser.add_argument("--datalist", required=True)
+    parser.add_argument("--log", help="the training's output (default: <run>/train.log, as report.py writes it)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.15, 0.3, 0.4])
+    parser.add_argument(
+        "--short-sides",
+        type=int,
+        nargs="*",
+        default=[432],
+        help="also run the network on the images resized to these short sides (the recipe trains at 432)",
+    )
+    parser.add_argument("--json", help="write everything to this file")
+    args = parser.parse_args()
+
+    from monai_wsl.data import load_datalist
+
+    run = Path(args.run)
+    log = Path(args.log) if args.log else run / "train.log"
+    if not log.is_file():
+        parser.error(f"{log} not found: give the training's output with --log (the bundle prints it to stdout)")
+    metrics = epoch_metrics(log)
+    chosen = select_epochs(metrics)
+    print(f"{run}: {len(metrics)} validated epochs\n")
+    print("| selection rule | epoch | accuracy | F1+ | F1- | PxAP |\n|---|---|---|---|---|---|")
+    for rule, epoch in chosen.items():
+        m = metrics[epoch]
+        cells = [_pct(m[k]) for k in ("val_accuracy", "val_f1_pos", "val_f1_neg", "val_pxap")]
+        print(f"| {rule} | {epoch} | " + " | ".join(cells) + " |")
+
+    items = [i for i in load_datalist(args.datalist, args.split) if "mask" in i]
+    results: dict = {"selection": {r: {"epoch": e, **metrics[e]} for r, e in chosen.items()}, "rules": {}}
+    checkpoints = {"model.pt": run / "models" / "model.pt"}
+    for epoch in chosen.values():
+        snapshot = run / "models" / "snapshots" / f"model_epoch={epoch}.pt"
+        if snapshot.is_file():
+            checkpoints.setdefault(f"epoch {epoch}", snapshot)
+    for name, checkpoint in checkpoints.items():
+        if not checkpoint.is_file():
+            print(f"\n{checkpoint} is missing: mask rules skipped for it")
+            continue
+        net = load_network(checkpoint, args.encoder)
+        rows = evaluate_rules(net, items, args.thresholds, [None, *args.short_sides])
+        results["rules"][name] = rows
+        labels = sorted({k.rsplit("_", 1)[1] for row in rows.values() for k in row if k.startswith("mask_share_")})
+        shares = " | ".join(f"mask / glands, class {c}" for c in labels)
+        print(f"\n{name} ({checkpoint}), {len(items)} images\n")
+        print(f"| mask rule | F1+ | F1- | PxAP | {shares} |\n|---|---|---|---|" + "---|" * len(labels))
+        for rule, row in rows.items():
+            cells = [_pct(row[k]) for k in ("f1_pos", "f1_neg", "pxap")]
+            cells += [f"{_pct(row[f'mask_share_{c}'])} / {_pct(row[f'truth_share_{c}'])}" for c in labels]
+            print(f"| {rule} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

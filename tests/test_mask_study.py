@@ -1,0 +1,106 @@
+"""scripts/mask_study.py: the selection rules read from a training log, and the mask rules on a network."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("mask_study", REPO / "scripts" / "mask_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mask_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def line(epoch, acc, pxap, f1=0.5):
+    return (
+        f"2026-12-02 10:37:50,737 - INFO - Epoch[{epoch}] Metrics -- val_accuracy: {acc:.4f} val_f1_neg: {f1:.4f} "
+        f"val_f1_pos: {f1:.4f} val_fpr: 0.2 val_iou_neg: 0.3 val_iou_pos: 0.3 val_pxap: {pxap:.4f} "
+    )
+
+
+def test_selection_rules_from_the_log(tmp_path):
+    """Best accuracy with ties to the later epoch (the bundle's saver), best PxAP (B-LOC), best accuracy then PxAP,
+    and the last epoch; the trainer's own metric lines (no val_accuracy) are not validation lines."""
+    study = load_study()
+    log = tmp_path / "train.log"
+    rows = [line(1, 0.8, 0.60), line(2, 1.0, 0.70), line(3, 0.9, 0.75), line(4, 1.0, 0.65), line(5, 0.9, 0.50)]
+    trainer = "2026-12-02 10:37:50 - INFO - Epoch[5] Metrics -- loss: -2.6669 train_accuracy: 0.6042 "
+    log.write_text("\n".join([*rows, trainer, line(6, 1.0, 0.60)]) + "\n")
+    metrics = study.epoch_metrics(log)
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6] and metrics[3]["val_pxap"] == 0.75
+    chosen = study.select_epochs(metrics)
+    assert chosen == {"accuracy (paper)": 6, "PxAP (B-LOC)": 3, "accuracy, then PxAP": 2, "last epoch": 6}
+    with pytest.raises(ValueError, match="no validation metrics"):
+        study.select_epochs({})
+
+
+def test_flips_and_percentile_normalisation():
+    study = load_study()
+    assert study.flips(2) == [(), (2,), (3,), (2, 3)]
+    assert len(study.flips(3)) == 8
+    maps = torch.arange(400.0).view(1, 1, 20, 20)
+    maps[0, 0, 0, 0] = 1e6  # one peak sets a min-max scale; the percentiles ignore it
+    robust = study.percentile_normalize(maps)
+    assert robust.min() == 0 and robust.max() == 1
+    assert 0.45 < float(robust[0, 0, 10, 0]) < 0.55  # the middle value stays in the middle
+    from monai_wsl.networks.utils import minmax_normalize
+
+    assert float(minmax_normalize(maps)[0, 0, 10, 0]) < 0.001  # where min-max squeezes it to the bottom
+
+
+def test_the_bundle_rule_is_the_networks_mask_and_flips_agree_on_a_symmetric_image():
+    study = load_study()
+    from monai_wsl.networks import MaxMinUncertaintyNet
+
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="efficientnet-lite0", pretrained=False).eval()
+    x = torch.rand(1, 3, 96, 128) * 2 - 1
+    rules = study.mask_rules(net, x, [0.15, 0.3])
+    with torch.no_grad():
+        mask = net.segment(x)
+    score, seg = rules["M >= 0.5 (the bundle's)"]
+    assert torch.equal(score, mask) and torch.equal(seg, mask >= 0.5)
+    assert all(s.shape == (1, 1, 96, 128) and b.shape == (1, 1, 96, 128) for s, b in rules.values())
+    assert rules["A_norm >= 0.3"][1].sum() <= rules["A_norm >= 0.15"][1].sum()
+    # at another scale the masks still come back at the image's size
+    scaled = study.mask_rules(net, x, [], short_side=64)
+    assert all(s.shape == (1, 1, 96, 128) for s, _ in scaled.values())
+
+
+
+class PoolingLocalizer(torch.nn.Module):
+    """A localizer whose maps are 8 x 8 average pools of the image (class 1: the mean over channels, class 0: its
+    negative): it commutes with flips, so averaging over flips must change nothing."""
+
+    sigma, w = torch.tensor(0.15), 5.0
+
+    def localize(self, x):
+        from monai_wsl.networks.utils import soft_mask
+
+        pooled = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 8)
+        maps = torch.cat([-pooled, pooled], 1)
+        scores = maps.flatten(2).mean(2)
+        return scores, maps, soft_mask(maps, scores, x.shape[2:], self.sigma, self.w)
+
+
+def test_flip_averaging_undoes_each_flip():
+    study = load_study()
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 96, 128)
+    rules = study.mask_rules(PoolingLocalizer(), x, [])
+    averaged, _ = rules["M averaged over flips >= 0.5"]
+    assert torch.allclose(averaged, rules["M >= 0.5 (the bundle's)"][0], atol=1e-6)
+    # evidence for the predicted class 1: its map minus class 0's, 2 x the pooled image, > 0 on an image in (0, 1)
+    _, evidence = rules["evidence A_c - A_other > 0 (no normalisation)"]
+    assert evidence.all()
+    _, evidence = study.mask_rules(PoolingLocalizer(), x - 0.5, [])["evidence A_c - A_other > 0 (no normalisation)"]
+    assert 0 < evidence.float().mean() < 1
