@@ -76,7 +76,6 @@ def test_the_bundle_rule_is_the_networks_mask_and_flips_agree_on_a_symmetric_ima
     assert all(s.shape == (1, 1, 96, 128) for s, _ in scaled.values())
 
 
-
 class PoolingLocalizer(torch.nn.Module):
     """A localizer whose maps are 8 x 8 average pools of the image (class 1: the mean over channels, class 0: its
     negative): it commutes with flips, so averaging over flips must change nothing."""
