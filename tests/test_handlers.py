@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -208,3 +210,20 @@ def test_checked_loader_names_what_a_checkpoint_holds(tmp_path):
     torch.save(maxmin.state_dict(), tmp_path / "model.pt")
     loader = CheckedCheckpointLoader(tmp_path / "model.pt", {"model": MaxMinUncertaintyNet(encoder="resnet18")})
     assert loader.load_path == str(tmp_path / "model.pt")
+
+
+def test_a_damaged_model_card_is_refused_naming_it(tmp_path):
+    """A missing card means defaults (a model saved before cards); a damaged one is an error naming the file, not a
+    silent fall back to zero padding."""
+    from monai_wsl.handlers import read_model_card, trained_setting
+
+    checkpoint = tmp_path / "model.pt"
+    assert read_model_card(checkpoint) is None
+    assert trained_setting(checkpoint, "padding_mode", "zeros") == "zeros"
+    card = tmp_path / "model_card.json"
+    card.write_text(json.dumps({"trained_on": {"padding_mode": "replicate"}}))
+    assert trained_setting(checkpoint, "padding_mode", "zeros") == "replicate"
+    for damaged in ('{"trained_on": {"padding_mode": "repl', "[1, 2]"):
+        card.write_text(damaged)
+        with pytest.raises(ValueError, match="model_card.json is damaged"):
+            trained_setting(checkpoint, "padding_mode", "zeros")

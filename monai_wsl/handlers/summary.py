@@ -18,12 +18,26 @@ logger = logging.getLogger(__name__)
 
 
 def read_model_card(checkpoint: str | Path) -> dict | None:
-    """The model card written beside ``checkpoint`` by :class:`TrainingSummary`, or None."""
+    """The model card written beside ``checkpoint`` by :class:`TrainingSummary`, or None when there is none.
+
+    Raises:
+        ValueError: the card exists but is not a JSON object (a damaged copy): running the model with default
+            settings instead of the recorded ones would give other masks without a word.
+    """
     path = Path(checkpoint).with_name(MODEL_CARD)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
         return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        card = error
+    if not isinstance(card, dict):
+        raise ValueError(
+            f"{path} is damaged ({card if isinstance(card, Exception) else 'not a JSON object'}): it records how "
+            f"{Path(checkpoint).name} was trained (padding, encoder), which evaluation and inference follow. Copy it "
+            "again from the training's models/ folder, or remove it to run the model with the default settings."
+        )
+    return card
 
 
 def trained_setting(checkpoint: str | Path, key: str, default: object = None) -> object:
