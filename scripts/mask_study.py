@@ -9,7 +9,8 @@ rules for turning the localizer's map into a mask would score, on the same valid
 2. Mask rules, on the selected model (``models/model.pt``) and, where the run kept ``--snapshot_interval`` weights,
    on each rule's epoch: the bundle's mask ``M >= 0.5`` (``A_norm >= sigma``); ``M`` averaged over four flips;
    ``A_norm >= tau`` for other thresholds; a percentile min-max instead of min-max (one peak no longer sets the
-   scale); and the localizer's evidence for its class, ``A_c - max_other A_k > 0``, with no per-image normalisation.
+   scale); and the localizer's evidence for its class, ``A_c - max_other A_k``: its score map has no per-image
+   normalisation (PxAP pools the images' pixels as they are), its mask is ``> 0`` or, min-max normalised, ``>= sigma``.
    Each with F1+, F1-, PxAP (pooled, binned as the bundle's) and the mask's share of the image against the glands'
    share, by class.
 
@@ -110,6 +111,7 @@ def mask_rules(
         "M averaged over flips >= 0.5": (averaged, averaged >= 0.5),
         "percentile (1-99 %) min-max, sigmoid >= 0.5": (robust, robust >= 0.5),
         "evidence A_c - A_other > 0 (no normalisation)": (torch.sigmoid(evidence), evidence > 0),
+        "evidence, min-max, >= sigma": (torch.sigmoid(evidence), minmax_normalize(evidence) >= sigma),
     }
     for tau in thresholds:
         rules[f"A_norm >= {tau:g}"] = (mask, a_norm >= tau)
@@ -199,6 +201,12 @@ def main() -> None:
         default=[432],
         help="also run the network on the images resized to these short sides (the recipe trains at 432)",
     )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        nargs="*",
+        help="only these epochs' snapshots (default: model.pt and each rule's epoch)",
+    )
     parser.add_argument("--json", help="write everything to this file")
     args = parser.parse_args()
 
@@ -219,8 +227,8 @@ def main() -> None:
 
     items = [i for i in load_datalist(args.datalist, args.split) if "mask" in i]
     results: dict = {"selection": {r: {"epoch": e, **metrics[e]} for r, e in chosen.items()}, "rules": {}}
-    checkpoints = {"model.pt": run / "models" / "model.pt"}
-    for epoch in chosen.values():
+    checkpoints = {} if args.epochs else {"model.pt": run / "models" / "model.pt"}
+    for epoch in args.epochs or chosen.values():
         snapshot = run / "models" / "snapshots" / f"model_epoch={epoch}.pt"
         if snapshot.is_file():
             checkpoints.setdefault(f"epoch {epoch}", snapshot)

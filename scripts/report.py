@@ -74,6 +74,10 @@ RUNS = [
     Run("study", "study_lambda_1e-1", "lambda = 1e-1", same_as="lambda_1e-1"),
     Run("study", "eval_train_scale", "default model, evaluated at the training scale (short side as trained)",
         overrides={"eval_short_side": "$@resize_short_side"}, evaluates="maxmin_sem"),
+    Run("study", "eval_flips", "default model, mask averaged over 4 flips",
+        overrides={"eval_flips": True}, evaluates="maxmin_sem"),
+    Run("study", "eval_train_scale_flips", "default model, at the training scale and averaged over 4 flips",
+        overrides={"eval_short_side": "$@resize_short_side", "eval_flips": True}, evaluates="maxmin_sem"),
     Run("study", "mask_norm_batch", "soft mask normalised over the batch in training (the authors' code)",
         overrides={"network_def#train_mask_norm": "batch"}),
 ]  # fmt: skip
@@ -130,7 +134,7 @@ def run_all(args, runs: list[Run]) -> int:
         (out / "datalist.json").write_text(json.dumps(content, indent=1))
     recipe = {k: v for k, v in (("max_epochs", args.max_epochs), ("crop_size", args.crop_size),
                                 ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
-    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, **recipe, **args.set}
+    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, **recipe, **dict(args.set)}
     env = job_environment(args.jobs)
     by_name = {r.name: r for r in RUNS}
 
@@ -379,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set",
         action="append",
+        type=setting,
         default=[],
         metavar="KEY=VALUE",
         help="a bundle override for every run, e.g. --set fold_padding=true --set 'memory_format=$torch.channels_last' "
@@ -387,21 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` -> ``{KEY: VALUE}``; a malformed item is a usage error naming it."""
-    settings = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"--set {item!r}: give KEY=VALUE, e.g. --set fold_padding=true")
-        settings[key.strip()] = value
-    return settings
+def setting(item: str) -> tuple[str, str]:
+    """``"KEY=VALUE"`` -> ``(KEY, VALUE)`` (the value may hold ``=``); anything else is a usage error naming it."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{item!r}: give KEY=VALUE, e.g. --set fold_padding=true")
+    return key.strip(), value
 
 
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
-    args.set = parse_settings(parser, args.set)
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give the number of trainings to run at once, 1 or more")
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]

@@ -308,3 +308,20 @@ def test_inferer_at_the_training_scale_returns_the_mask_at_the_images_size():
     assert not torch.allclose(out["mask"], plain["mask"])
     with pytest.raises(ValueError, match="short_side"):
         WSLInferer(short_side=0)
+
+
+def test_inferer_flips_average_the_mask_over_every_flip_and_keep_the_class():
+    from monai_wsl.inferers import WSLInferer
+
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="resnet18").eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        out = WSLInferer(flips=True)(x, net)
+        plain = net.predict(x)
+        masks = [net.segment(x.flip(d)).flip(d) if d else net.segment(x) for d in [(), (2,), (3,), (2, 3)]]
+        both = WSLInferer(short_side=48, flips=True)(x, net)
+    torch.testing.assert_close(out["mask"], torch.stack(masks).mean(0))
+    torch.testing.assert_close(out["logits"], plain["logits"])
+    assert not torch.allclose(out["mask"], plain["mask"])  # the network is not flip-equivariant by itself
+    assert both["mask"].shape == (1, 1, 64, 96)

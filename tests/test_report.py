@@ -276,10 +276,12 @@ def test_set_passes_bundle_overrides_to_every_run_and_refuses_a_malformed_one(mo
     overrides win; an item without ``=`` is a usage error naming it."""
     report = load_report()
     parser = report.build_parser()
-    settings = report.parse_settings(parser, ["fold_padding=true", "memory_format=$torch.channels_last", "a=b=c"])
+    argv = ["--out", "x", "--set", "fold_padding=true", "--set", "memory_format=$torch.channels_last", "--set", "a=b=c"]
+    settings = dict(parser.parse_args(argv).set)
     assert settings == {"fold_padding": "true", "memory_format": "$torch.channels_last", "a": "b=c"}
-    with pytest.raises(SystemExit):
-        report.parse_settings(parser, ["fold_padding"])
+    script = str(REPO / "scripts" / "report.py")
+    done = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--set", "fold"], capture_output=True, text=True)
+    assert done.returncode == 2 and "'fold': give KEY=VALUE" in done.stderr
 
     calls = []
 
@@ -296,7 +298,6 @@ def test_set_passes_bundle_overrides_to_every_run_and_refuses_a_malformed_one(mo
     monkeypatch.setattr(report, "run_bundle", fake_run_bundle)
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": []}))
     args = parser.parse_args(["--out", str(tmp_path), "--run", "--set", "fold_padding=true", "--set", "padding_mode=x"])
-    args.set = report.parse_settings(parser, args.set)
     runs = [r for r in report.RUNS if r.name in ("maxmin_sem", "pad_replicate")]
     assert report.run_all(args, runs) == 0
     assert len(calls) == 4  # a training and an evaluation each

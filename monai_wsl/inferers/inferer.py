@@ -32,13 +32,26 @@ class WSLInferer(Inferer):
             shortest side has that many pixels (:class:`~monai_wsl.transforms.ResizeShortSide`, as the training
             augmentation does before its crops) and brings the mask back to the image's size (bilinear), so that
             the network sees tissue at the scale it was trained on.
+        flips: average the mask over every flip of the spatial axes (4 in 2D, 8 in 3D; each flipped back), which
+            the encoder's asymmetric padding and stride-2 grid do not give by themselves; the class comes from the
+            image as it is.
     """
 
-    def __init__(self, short_side: int | None = None) -> None:
+    def __init__(self, short_side: int | None = None, flips: bool = False) -> None:
         super().__init__()
         if short_side is not None and int(short_side) < 1:
             raise ValueError(f"short_side must be None or a positive number of pixels, got {short_side}.")
         self.short_side = None if short_side is None else int(short_side)
+        self.flips = bool(flips)
+
+    def _predict(self, net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(net.predict(x))
+        if self.flips:
+            axes = list(range(2, x.ndim))
+            combos = [tuple(a for j, a in enumerate(axes) if k >> j & 1) for k in range(1, 2 ** len(axes))]
+            masks = [out["mask"]] + [net.segment(x.flip(dims)).flip(dims) for dims in combos]
+            out["mask"] = torch.stack(masks).mean(0)
+        return out
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         net = unwrap(network)
@@ -48,9 +61,9 @@ class WSLInferer(Inferer):
                 "monai.inferers.SimpleInferer for other networks."
             )
         if self.short_side is None or min(inputs.shape[2:]) == self.short_side:
-            return net.predict(inputs)
+            return self._predict(net, inputs)
         resize = ResizeShortSide(self.short_side)
-        out = dict(net.predict(torch.stack([resize(as_plain_tensor(x)) for x in inputs])))
+        out = self._predict(net, torch.stack([resize(as_plain_tensor(x)) for x in inputs]))
         out["mask"] = upsample(out["mask"], inputs.shape[2:])
         return out
 
