@@ -280,7 +280,8 @@ def test_set_passes_bundle_overrides_to_every_run_and_refuses_a_malformed_one(mo
     settings = dict(parser.parse_args(argv).set)
     assert settings == {"fold_padding": "true", "memory_format": "$torch.channels_last", "a": "b=c"}
     script = str(REPO / "scripts" / "report.py")
-    done = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--set", "fold"], capture_output=True, text=True)
+    argv = [sys.executable, script, "--out", str(tmp_path), "--set", "fold"]
+    done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 2 and "'fold': give KEY=VALUE" in done.stderr
 
     calls = []
