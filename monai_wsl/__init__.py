@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import data, handlers, inferers, losses, metrics, networks, transforms, utils, visualize
+from . import data, handlers, inferers, losses, metrics, model_card, networks, transforms, utils, visualize
 
 __all__ = [
     "data",
@@ -12,6 +12,7 @@ __all__ = [
     "inferers",
     "losses",
     "metrics",
+    "model_card",
     "networks",
     "transforms",
     "utils",

@@ -49,8 +49,8 @@ def main() -> None:
     from monai.transforms import EnsureChannelFirst, LoadImage
 
     from monai_wsl.data import load_datalist
-    from monai_wsl.handlers import trained_setting
     from monai_wsl.metrics import compute_pxap
+    from monai_wsl.model_card import trained_setting
     from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
 
     mode = args.padding_mode or trained_setting(args.checkpoint, "padding_mode", "zeros")

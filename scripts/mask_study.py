@@ -172,7 +172,7 @@ def summarise(per_rule: dict) -> dict[str, dict[str, float]]:
 
 
 def load_network(checkpoint: Path, encoder: str):
-    from monai_wsl.handlers import trained_setting
+    from monai_wsl.model_card import trained_setting
     from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
 
     mode = trained_setting(checkpoint, "padding_mode", "zeros")

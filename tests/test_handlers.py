@@ -215,7 +215,7 @@ def test_checked_loader_names_what_a_checkpoint_holds(tmp_path):
 def test_a_damaged_model_card_is_refused_naming_it(tmp_path):
     """A missing card means defaults (a model saved before cards); a damaged one is an error naming the file, not a
     silent fall back to zero padding."""
-    from monai_wsl.handlers import read_model_card, trained_setting
+    from monai_wsl.model_card import read_model_card, trained_setting
 
     checkpoint = tmp_path / "model.pt"
     assert read_model_card(checkpoint) is None

@@ -196,7 +196,7 @@ def _writable_problem(folder: str | Path) -> str | None:
 
 
 def _warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, images: Sequence[str | Path]) -> None:
-    from monai_wsl.handlers.summary import read_model_card
+    from monai_wsl.model_card import read_model_card
 
     card = read_model_card(checkpoint) or {}
     trained_on = card.get("trained_on", {})

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 
 from monai_wsl.networks.nets.base import MaskOutput
 from monai_wsl.networks.utils import as_plain_tensor, normalized_map, unwrap, upsample
@@ -63,8 +64,9 @@ class WSLInferer(Inferer):
         if self.short_side is None or min(inputs.shape[2:]) == self.short_side:
             return self._predict(net, inputs)
         resize = ResizeShortSide(self.short_side)
-        out = self._predict(net, torch.stack([resize(as_plain_tensor(x)) for x in inputs]))
-        out["mask"] = upsample(out["mask"], inputs.shape[2:])
+        out = self._predict(net, torch.stack([as_plain_tensor(resize(as_plain_tensor(x))) for x in inputs]))
+        # back at the images' size, with their meta data (as the network's own outputs of them carry)
+        out["mask"] = convert_to_dst_type(upsample(out["mask"], inputs.shape[2:]), inputs)[0]
         return out
 
 
