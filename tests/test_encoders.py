@@ -316,3 +316,42 @@ def test_a_checkpoints_description_names_its_lite_variant():
     for variant in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
         state = MaxMinUncertaintyNet(encoder=variant, pretrained=False).state_dict()
         assert describe_state_dict(state) == f"a MaxMinUncertaintyNet ({variant} encoder, head of 10 outputs)"
+
+
+def test_evaluation_and_inference_use_the_scale_and_flips_the_model_was_validated_with(tmp_path):
+    """train.json's --eval_short_side / --eval_flips go into the model card (the resolved values); evaluate.json and
+    inference.json give them to their WSLInferer from the card beside the checkpoint (the images as they are, no
+    flips, without a card or with one from before), and a command-line setting still wins."""
+    import json
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from monai_wsl.model_card import MODEL_CARD
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+
+    def parsed(files, key, **overrides):
+        parser = ConfigParser()
+        parser.read_config([str(configs / f) for f in files])
+        parser.update(overrides)
+        return parser.get_parsed_content(key)
+
+    recipe = ["train.json", "recipes/glas.json"]
+    card = parsed(recipe, "training_summary#trained_on", eval_short_side="$@resize_short_side", eval_flips=True)
+    assert card["eval_short_side"] == 432 and card["eval_flips"] is True
+    assert parsed(["train.json"], "training_summary#trained_on")["eval_short_side"] is None
+
+    checkpoint = str(tmp_path / "model.pt")
+    for files, inferer in ((["train.json", "evaluate.json"], "validate#inferer"), (["inference.json"], "inferer")):
+        plain = parsed(files, inferer, checkpoint=checkpoint)
+        assert (plain.short_side, plain.flips) == (None, False)  # no card
+        (tmp_path / MODEL_CARD).write_text(json.dumps({"trained_on": {"padding_mode": "zeros"}}))
+        plain = parsed(files, inferer, checkpoint=checkpoint)
+        assert (plain.short_side, plain.flips) == (None, False)  # a card from before
+        (tmp_path / MODEL_CARD).write_text(json.dumps({"trained_on": {"eval_short_side": 432, "eval_flips": True}}))
+        carded = parsed(files, inferer, checkpoint=checkpoint)
+        assert (carded.short_side, carded.flips) == (432, True)
+        chosen = parsed(files, inferer, checkpoint=checkpoint, eval_short_side=None, eval_flips=False)
+        assert (chosen.short_side, chosen.flips) == (None, False)
+        (tmp_path / MODEL_CARD).unlink()

@@ -153,6 +153,9 @@ class MaskOutput(nn.Module):
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.network.predict(x)
 
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.segment(x)
+
     @property
     def min_spatial_size(self) -> int:
         return self.network.min_spatial_size
