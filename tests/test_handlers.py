@@ -227,3 +227,44 @@ def test_a_damaged_model_card_is_refused_naming_it(tmp_path):
         card.write_text(damaged)
         with pytest.raises(ValueError, match="model_card.json is damaged"):
             trained_setting(checkpoint, "padding_mode", "zeros")
+
+
+def test_overlays_follow_the_configured_threshold(tmp_path):
+    """The saved and TensorBoard overlays draw ``pred >= threshold`` with the bundle's one ``threshold`` key, as the
+    metrics and the saved masks do: a soft mask of 0.4 is painted at threshold 0.3 and not at 0.5."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    from monai_wsl.handlers import OverlaySaver
+    from monai_wsl.visualize import COLORS
+
+    image = torch.full((3, 40, 40), -1.0)  # black
+    pred = torch.zeros(1, 40, 40)
+    pred[:, :20] = 0.4  # the first 20 rows of the upright picture (2D images are transposed for display)
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=1, output=[{"image": image, "pred": pred}], batch=None))
+    painted = {}
+    for threshold in (0.3, 0.5):
+        saver = OverlaySaver(str(tmp_path / str(threshold)), label_key=None, threshold=threshold)
+        saver(engine)
+        picture = np.array(Image.open(tmp_path / str(threshold) / "image_1_0_overlay.png").convert("RGB"))
+        teal = np.round(0.45 * np.array(COLORS["pred"]) * 255)  # tint over black
+        painted[threshold] = int((np.abs(picture.astype(float) - teal).max(-1) <= 1).sum())
+    assert painted[0.3] >= 40 * 20 and painted[0.5] == 0
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    parser.update({"threshold": 0.3, "network_def#pretrained": False, "device": "$torch.device('cpu')"})
+    index = [i for i, h in enumerate(parser.get("validate#handlers")) if "OverlaySaver" in str(h)]
+    assert len(index) == 1
+    assert parser.get_parsed_content(f"validate#handlers#{index[0]}").threshold == 0.3
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    parser.update({"threshold": 0.3})
+    board = [h for h in parser.get("validate#handlers") if "OverlayHandler" in str(h)]
+    assert parser.get_parsed_content("validate#postprocessing#transforms#2#threshold") == 0.3
+    assert len(board) == 1 and board[0]["threshold"] == "@threshold"

@@ -44,6 +44,7 @@ class TensorBoardOverlayHandler:
         value_range: range of the network input, mapped to black..white (the recipe's [-1, 1]).
         transpose: PIL-read 2D images are ``(C, W, H)``; transpose to show them upright.
         tag: TensorBoard image tag.
+        threshold: the mask is ``pred >= threshold`` (the bundle's ``threshold``, as its metrics and saved masks).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class TensorBoardOverlayHandler:
         value_range: tuple[float, float] | None = (-1.0, 1.0),
         transpose: bool = True,
         tag: str = "overlay",
+        threshold: float = 0.5,
     ) -> None:
         if summary_writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -67,6 +69,7 @@ class TensorBoardOverlayHandler:
         self.interval, self.max_images = max(1, int(interval)), max_images
         self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
         self.value_range, self.transpose, self.tag = value_range, transpose, tag
+        self.threshold = float(threshold)
         self._rows: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
@@ -87,6 +90,7 @@ class TensorBoardOverlayHandler:
                     item[self.image_key],
                     item[self.pred_key],
                     gt,
+                    threshold=self.threshold,
                     value_range=self.value_range,
                     transpose=self.transpose,
                 )
@@ -106,7 +110,7 @@ class OverlaySaver:
 
     Args:
         output_dir: folder to write to (created).
-        image_key, pred_key, label_key, value_range, transpose: as :class:`TensorBoardOverlayHandler`.
+        image_key, pred_key, label_key, value_range, transpose, threshold: as :class:`TensorBoardOverlayHandler`.
     """
 
     def __init__(
@@ -117,10 +121,11 @@ class OverlaySaver:
         label_key: str | None = "mask",
         value_range: tuple[float, float] | None = (-1.0, 1.0),
         transpose: bool = True,
+        threshold: float = 0.5,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
-        self.value_range, self.transpose = value_range, transpose
+        self.value_range, self.transpose, self.threshold = value_range, transpose, float(threshold)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -132,7 +137,12 @@ class OverlaySaver:
         for i, item in enumerate(decollated_items(engine)):
             gt = item.get(self.label_key) if self.label_key else None
             panels = mask_overlay_panels(
-                item[self.image_key], item[self.pred_key], gt, value_range=self.value_range, transpose=self.transpose
+                item[self.image_key],
+                item[self.pred_key],
+                gt,
+                threshold=self.threshold,
+                value_range=self.value_range,
+                transpose=self.transpose,
             )
             stem = Path(_filename(item, self.image_key, f"image_{engine.state.iteration}_{i}")).name.split(".")[0]
             picture = overlay_grid([panels], truth=gt is not None)  # with the key to the colours
