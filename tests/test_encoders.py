@@ -341,6 +341,11 @@ def test_evaluation_and_inference_use_the_scale_and_flips_the_model_was_validate
     card = parsed(recipe, "training_summary#trained_on", eval_short_side="$@resize_short_side", eval_flips=True)
     assert card["eval_short_side"] == 432 and card["eval_flips"] is True
     assert parsed(["train.json"], "training_summary#trained_on")["eval_short_side"] is None
+    # the GlaS recipe: evaluation and inference average over flips, the validation of each epoch does not
+    assert parsed(recipe, "training_summary#trained_on")["eval_flips"] is True
+    assert parsed(recipe, "validate#inferer").flips is False
+    assert parsed(["train.json"], "validate#inferer").flips is False
+    assert parsed(["train.json"], "validate#inferer", eval_flips=True).flips is True  # elsewhere validation follows
 
     checkpoint = str(tmp_path / "model.pt")
     for files, inferer in ((["train.json", "evaluate.json"], "validate#inferer"), (["inference.json"], "inferer")):
