@@ -58,13 +58,8 @@ def minmax_normalize(maps: torch.Tensor, eps: float = 1e-8, per_image: bool = Tr
 
     A constant map (max == min) becomes all zeros instead of dividing by zero.
     """
-    if not per_image:
-        flat = maps.transpose(0, 1).flatten(1)
-        lo = flat.amin(-1).view(1, maps.shape[1], *([1] * (maps.ndim - 2)))
-        hi = flat.amax(-1).view_as(lo)
-        return (maps - lo) / (hi - lo).clamp_min(eps)
-    flat = maps.flatten(2)
-    lo = flat.amin(-1).view(*maps.shape[:2], *([1] * (maps.ndim - 2)))
+    flat = maps.flatten(2) if per_image else maps.transpose(0, 1).flatten(1)[None]
+    lo = flat.amin(-1).view(*flat.shape[:2], *([1] * (maps.ndim - 2)))
     hi = flat.amax(-1).view_as(lo)
     return (maps - lo) / (hi - lo).clamp_min(eps)
 
