@@ -255,6 +255,24 @@ def test_overlays_follow_the_configured_threshold(tmp_path):
         painted[threshold] = int((np.abs(picture.astype(float) - teal).max(-1) <= 1).sum())
     assert painted[0.3] >= 40 * 20 and painted[0.5] == 0
 
+    from monai_wsl.handlers import TensorBoardOverlayHandler
+
+    class Writer:  # what the handler calls on a SummaryWriter
+        def add_image(self, tag, grid, step, dataformats):
+            self.grid = grid
+
+        def flush(self):
+            pass
+
+    engine.state.epoch = 1
+    for threshold in (0.3, 0.5):
+        board = TensorBoardOverlayHandler(summary_writer=Writer(), label_key=None, threshold=threshold)
+        board.collect(engine)
+        board(engine)
+        grid = (board.writer.grid.permute(1, 2, 0).numpy() * 255).round()
+        painted[threshold] = int((np.abs(grid - teal).max(-1) <= 1).sum())
+    assert painted[0.3] >= 40 * 20 and painted[0.5] == 0
+
     configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])

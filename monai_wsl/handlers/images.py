@@ -29,6 +29,19 @@ def _filename(item: dict[str, Any], key: str, fallback: str) -> str:
     return str(name) if name else fallback
 
 
+def item_panels(handler: Any, item: dict[str, Any]) -> torch.Tensor:
+    """One image's overlay panels with an overlay handler's keys and settings (threshold, value range, transpose)."""
+    gt = item.get(handler.label_key) if handler.label_key else None
+    return mask_overlay_panels(
+        item[handler.image_key],
+        item[handler.pred_key],
+        gt,
+        threshold=handler.threshold,
+        value_range=handler.value_range,
+        transpose=handler.transpose,
+    )
+
+
 class TensorBoardOverlayHandler:
     """Every ``interval`` epochs, write a picture of the first ``max_images`` images of the epoch to TensorBoard:
     image | predicted mask (teal) with the ground-truth outline (yellow) | errors (true positive green, false positive
@@ -84,17 +97,7 @@ class TensorBoardOverlayHandler:
         if engine.state.epoch % self.interval or len(self._rows) >= self.max_images:
             return
         for item in decollated_items(engine)[: self.max_images - len(self._rows)]:
-            gt = item.get(self.label_key) if self.label_key else None
-            self._rows.append(
-                mask_overlay_panels(
-                    item[self.image_key],
-                    item[self.pred_key],
-                    gt,
-                    threshold=self.threshold,
-                    value_range=self.value_range,
-                    transpose=self.transpose,
-                )
-            )
+            self._rows.append(item_panels(self, item))
 
     def __call__(self, engine: Engine) -> None:
         if self._rows:
@@ -135,15 +138,8 @@ class OverlaySaver:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for i, item in enumerate(decollated_items(engine)):
-            gt = item.get(self.label_key) if self.label_key else None
-            panels = mask_overlay_panels(
-                item[self.image_key],
-                item[self.pred_key],
-                gt,
-                threshold=self.threshold,
-                value_range=self.value_range,
-                transpose=self.transpose,
-            )
+            panels = item_panels(self, item)
             stem = Path(_filename(item, self.image_key, f"image_{engine.state.iteration}_{i}")).name.split(".")[0]
-            picture = overlay_grid([panels], truth=gt is not None)  # with the key to the colours
+            truth = bool(self.label_key) and item.get(self.label_key) is not None
+            picture = overlay_grid([panels], truth=truth)  # with the key to the colours
             Image.fromarray(to_uint8(picture)).save(self.output_dir / f"{stem}_overlay.png")
