@@ -40,4 +40,10 @@ def trained_setting(checkpoint: str | Path, key: str, default: object = None) ->
     ``default`` when the card or the key is missing (a model saved before the card recorded it). The evaluation and
     inference configs take settings that change the network's function but not its weights (``padding_mode``) from
     here, so that a model is run as it was trained."""
-    return ((read_model_card(checkpoint) or {}).get("trained_on") or {}).get(key, default)
+    trained_on = (read_model_card(checkpoint) or {}).get("trained_on") or {}
+    if not isinstance(trained_on, dict):
+        raise ValueError(
+            f"{Path(checkpoint).with_name(MODEL_CARD)} is damaged ('trained_on' is not a JSON object): copy it again "
+            "from the training's models/ folder, or remove it to run the model with the default settings."
+        )
+    return trained_on.get(key, default)

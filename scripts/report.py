@@ -134,7 +134,9 @@ def run_all(args, runs: list[Run]) -> int:
         (out / "datalist.json").write_text(json.dumps(content, indent=1))
     recipe = {k: v for k, v in (("max_epochs", args.max_epochs), ("crop_size", args.crop_size),
                                 ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
-    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, **recipe, **dict(args.set)}
+    # the tables' protocol: the mask as the network gives it (no flips) unless a run asks (the study's eval_flips)
+    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, "eval_flips": False}
+    common.update(**recipe, **dict(args.set))
     env = job_environment(args.jobs)
     by_name = {r.name: r for r in RUNS}
 

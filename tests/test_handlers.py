@@ -223,7 +223,7 @@ def test_a_damaged_model_card_is_refused_naming_it(tmp_path):
     card = tmp_path / "model_card.json"
     card.write_text(json.dumps({"trained_on": {"padding_mode": "replicate"}}))
     assert trained_setting(checkpoint, "padding_mode", "zeros") == "replicate"
-    for damaged in ('{"trained_on": {"padding_mode": "repl', "[1, 2]"):
+    for damaged in ('{"trained_on": {"padding_mode": "repl', "[1, 2]", '{"trained_on": [1]}'):
         card.write_text(damaged)
         with pytest.raises(ValueError, match="model_card.json is damaged"):
             trained_setting(checkpoint, "padding_mode", "zeros")

@@ -325,3 +325,11 @@ def test_inferer_flips_average_the_mask_over_every_flip_and_keep_the_class():
     torch.testing.assert_close(out["logits"], plain["logits"])
     assert not torch.allclose(out["mask"], plain["mask"])  # the network is not flip-equivariant by itself
     assert both["mask"].shape == (1, 1, 64, 96)
+
+
+def test_inferer_flips_switch_reads_false_from_the_command_line():
+    """``--eval_flips false`` reaches the inferer as the string "false" (Fire): it must mean no flips."""
+    from monai_wsl.inferers import WSLInferer
+
+    assert WSLInferer(flips="false").flips is False and WSLInferer(flips="true").flips is True
+    assert WSLInferer(flips=False).flips is False

@@ -299,9 +299,12 @@ def test_set_passes_bundle_overrides_to_every_run_and_refuses_a_malformed_one(mo
     monkeypatch.setattr(report, "run_bundle", fake_run_bundle)
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": []}))
     args = parser.parse_args(["--out", str(tmp_path), "--run", "--set", "fold_padding=true", "--set", "padding_mode=x"])
-    runs = [r for r in report.RUNS if r.name in ("maxmin_sem", "pad_replicate")]
+    runs = [r for r in report.RUNS if r.name in ("maxmin_sem", "pad_replicate", "eval_flips")]
     assert report.run_all(args, runs) == 0
-    assert len(calls) == 4  # a training and an evaluation each
+    assert len(calls) == 5  # a training and an evaluation each, and the evaluation of maxmin_sem with flips
     assert all(overrides["fold_padding"] == "true" for _, overrides in calls)
     padding = {Path(o["bundle_root"]).parent.name: o["padding_mode"] for _, o in calls}
-    assert padding == {"maxmin_sem": "x", "pad_replicate": "replicate"}  # the run's own override wins
+    assert padding == {"maxmin_sem": "x", "pad_replicate": "replicate", "eval_flips": "x"}  # a run's own wins
+    # the tables' protocol is without flips (the GlaS recipe's own evaluation has them) unless the run asks
+    flips = {(Path(o["bundle_root"]).parent.name, "evaluate.json" in c): o["eval_flips"] for c, o in calls}
+    assert flips.pop(("eval_flips", True)) is True and not any(flips.values())

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import Inferer
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, str2bool
 
 from monai_wsl.networks.nets.base import MaskOutput
 from monai_wsl.networks.utils import as_plain_tensor, normalized_map, unwrap, upsample
@@ -34,16 +34,17 @@ class WSLInferer(Inferer):
             augmentation does before its crops) and brings the mask back to the image's size (bilinear), so that
             the network sees tissue at the scale it was trained on.
         flips: average the mask over every flip of the spatial axes (4 in 2D, 8 in 3D; each flipped back), which
-            the encoder's asymmetric padding and stride-2 grid do not give by themselves; the class comes from the
-            image as it is.
+            the encoder's asymmetric padding and stride-2 grid do not give by themselves. Each flip's mask is the
+            network's own for that flip (for the CAM baselines, the map of that flip's predicted class); the logits
+            come from the image as it is.
     """
 
-    def __init__(self, short_side: int | None = None, flips: bool = False) -> None:
+    def __init__(self, short_side: int | None = None, flips: bool | str = False) -> None:
         super().__init__()
         if short_side is not None and int(short_side) < 1:
             raise ValueError(f"short_side must be None or a positive number of pixels, got {short_side}.")
         self.short_side = None if short_side is None else int(short_side)
-        self.flips = bool(flips)
+        self.flips = str2bool(flips)  # "false" from the command line is False
 
     def _predict(self, net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = dict(net.predict(x))
