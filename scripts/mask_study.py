@@ -60,15 +60,6 @@ def select_epochs(metrics: dict[int, dict[str, float]]) -> dict[str, int]:
     }
 
 
-def flips(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Every combination of flips of the spatial axes of ``(B, C, *spatial)`` (identity first)."""
-    axes = list(range(2, 2 + spatial_dims))
-    combos: list[tuple[int, ...]] = [()]
-    for a in axes:
-        combos += [c + (a,) for c in combos]
-    return combos
-
-
 def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
@@ -87,15 +78,15 @@ def mask_rules(
     """``{rule: (score map in [0, 1], binary mask)}``, each ``(1, 1, *spatial)`` at the size of ``x`` ``(1, C,
     *spatial)``; the network sees ``x`` resized to ``short_side`` as ``WSLInferer(short_side)`` resizes it (its map
     is upsampled to ``x``'s size directly)."""
-    from monai_wsl.networks.utils import minmax_normalize, soft_mask, upsample
+    from monai_wsl.networks.utils import minmax_normalize, soft_mask, spatial_flips, upsample
     from monai_wsl.transforms import ResizeShortSide
 
     sigma, w = float(net.sigma), float(net.w)
     size = x.shape[2:]
     x_in = x if short_side is None else ResizeShortSide(short_side)(x[0])[None]
     with torch.no_grad():
-        outputs = [net.localize(_flip(x_in, d))[:2] for d in flips(x.ndim - 2)]
-    views = [(s, _flip(m, d)) for (s, m), d in zip(outputs, flips(x.ndim - 2))]
+        outputs = [net.localize(_flip(x_in, d))[:2] for d in spatial_flips(x.ndim - 2)]
+    views = [(s, _flip(m, d)) for (s, m), d in zip(outputs, spatial_flips(x.ndim - 2))]
     scores, maps = views[0]
     mask = soft_mask(maps, scores, size, sigma, w)
     averaged = torch.stack([soft_mask(m, s, size, sigma, w) for s, m in views]).mean(0)

@@ -12,7 +12,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, str2bool
 
 from monai_wsl.networks.nets.base import MaskOutput
-from monai_wsl.networks.utils import as_plain_tensor, normalized_map, unwrap, upsample
+from monai_wsl.networks.utils import as_plain_tensor, normalized_map, spatial_flips, unwrap, upsample
 from monai_wsl.transforms.augment import ResizeShortSide
 
 __all__ = ["WSLInferer", "GradCAMInferer", "CAM_METHODS"]
@@ -49,9 +49,7 @@ class WSLInferer(Inferer):
     def _predict(self, net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = dict(net.predict(x))
         if self.flips:
-            axes = list(range(2, x.ndim))
-            combos = [tuple(a for j, a in enumerate(axes) if k >> j & 1) for k in range(1, 2 ** len(axes))]
-            masks = [out["mask"]] + [net.segment(x.flip(dims)).flip(dims) for dims in combos]
+            masks = [out["mask"]] + [net.segment(x.flip(d)).flip(d) for d in spatial_flips(x.ndim - 2)[1:]]
             out["mask"] = torch.stack(masks).mean(0)
         return out
 

@@ -24,6 +24,7 @@ __all__ = [
     "set_padding_mode",
     "resize_by",
     "as_plain_tensor",
+    "spatial_flips",
     "unwrap",
     "CPUSyncBatchNorm",
     "convert_sync_batchnorm",
@@ -43,6 +44,15 @@ def upsample(maps: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
     if tuple(maps.shape[2:]) == size:
         return maps
     return F.interpolate(maps, size=size, mode=_INTERP[maps.ndim - 2], align_corners=False)
+
+
+def spatial_flips(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every combination of flips of the spatial axes of ``(B, C, *spatial)`` tensors, as ``flip`` dims (identity
+    ``()`` first): 4 in 2D, 8 in 3D."""
+    combos: list[tuple[int, ...]] = [()]
+    for axis in range(2, 2 + spatial_dims):
+        combos += [c + (axis,) for c in combos]
+    return combos
 
 
 def resize_by(x: torch.Tensor, scale: float) -> torch.Tensor:
