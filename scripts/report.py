@@ -80,6 +80,8 @@ RUNS = [
         overrides={"eval_short_side": "$@resize_short_side", "eval_flips": True}, evaluates="maxmin_sem"),
     Run("study", "mask_norm_batch", "soft mask normalised over the batch in training (the authors' code)",
         overrides={"network_def#train_mask_norm": "batch"}),
+    Run("study", "lr_3e-3", "learning rate 3e-3 (the paper's 1e-3 x 3)", overrides={"lr": 3e-3}),
+    Run("study", "lite1", "encoder EfficientNet-lite1", overrides={"network_def#encoder": "efficientnet-lite1"}),
 ]  # fmt: skip
 GROUPS = {
     "methods": "Methods (same data, encoder, recipe and metrics; only the method's config differs)",
