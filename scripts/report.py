@@ -82,6 +82,8 @@ RUNS = [
         overrides={"network_def#train_mask_norm": "batch"}),
     Run("study", "lr_3e-3", "learning rate 3e-3 (the paper's 1e-3 x 3)", overrides={"lr": 3e-3}),
     Run("study", "lite1", "encoder EfficientNet-lite1", overrides={"network_def#encoder": "efficientnet-lite1"}),
+    Run("study", "os16", "encoder output stride 16 (last stage dilated: a map twice as fine)",
+        overrides={"network_def#output_stride": 16}),
 ]  # fmt: skip
 GROUPS = {
     "methods": "Methods (same data, encoder, recipe and metrics; only the method's config differs)",

@@ -34,6 +34,46 @@ def test_pretrained_efficientnet_lite_sees_a_cat(monkeypatch, name):
     assert logits.argmax().item() in IMAGENET_CATS
 
 
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_dilated_efficientnet_lite_keeps_imagenet_features_on_a_finer_grid(output_stride):
+    """Output stride 16 or 8 dilates the last stages instead of striding: the map is 2 or 4 times finer, the ImageNet
+    weights still see a cat (the receptive fields they were trained with), and folding the padding changes nothing."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from skimage.transform import resize
+
+    from monai_wsl.networks import fold_same_padding
+
+    encoder = build_encoder("efficientnet-lite0", pretrained=True, output_stride=output_stride).eval()
+    assert encoder.output_stride == output_stride
+    dilated = [b._depthwise_conv.dilation[0] for stage in encoder._blocks for b in stage]
+    assert dilated[-5:] == [32 // output_stride] * 5 and dilated[:4] == [1] * 4
+    state = torch.load(efficientnet_lite_weights_path(), map_location="cpu", weights_only=True)
+    image = resize(skimage_data.chelsea(), (224, 224), anti_aliasing=True).astype(np.float32)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None] * 255 - 127) / 128
+    with torch.no_grad():
+        features = encoder(x)
+        folded = fold_same_padding(encoder)(x)
+    assert features.shape == (1, 1280, 224 // output_stride, 224 // output_stride)
+    torch.testing.assert_close(folded, features)
+    logits = features.mean((2, 3)) @ state["_fc.weight"].T + state["_fc.bias"]
+    assert logits.argmax().item() in IMAGENET_CATS
+    net = MaxMinUncertaintyNet(encoder="efficientnet-lite0", output_stride=output_stride).eval()
+    assert net.min_spatial_size == -(-output_stride // 0.8)
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 96, 96))
+    assert out["cams"].shape[-2:] == (96 // output_stride, 96 // output_stride)
+    assert build_encoder("efficientnet-lite0", spatial_dims=3, output_stride=16)(torch.rand(1, 3, 32, 32, 32)).shape[
+        2:
+    ] == (2, 2, 2)
+
+
+def test_output_stride_is_checked():
+    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32"):
+        build_encoder("efficientnet-lite0", output_stride=4)
+    with pytest.raises(ValueError, match="applies to named encoders"):
+        build_encoder(nn.Conv2d(3, 8, 3, stride=2, padding=1), output_stride=16)
+
+
 def test_efficientnet_lite0_has_no_se_and_relu6():
     encoder = EfficientNetLite0Encoder()
     assert not any("_se_" in k for k in encoder.state_dict())

@@ -34,6 +34,8 @@ class WSLNet(nn.Module):
         padding_mode: how the encoder pads the image's borders: ``"zeros"`` (as built) or ``"replicate"`` (the
             edge repeated; :func:`~monai_wsl.networks.set_padding_mode`). Not in the state dict, so a model must be
             built with the padding it was trained with: the bundle takes it from the model card.
+        output_stride: the encoder's, for a named encoder: 32 (as published), 16 or 8 (a finer map; the
+            EfficientNet-lite encoders dilate their last stages, keeping the ImageNet weights' receptive fields).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class WSLNet(nn.Module):
         pretrained: bool | str = False,
         pretrained_path: str | Path | None = None,
         padding_mode: str = "zeros",
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -54,7 +57,7 @@ class WSLNet(nn.Module):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (e.g. benign / malignant), got {num_classes}.")
         self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
-        self._encoder_args = (encoder, spatial_dims, in_channels, str2bool(pretrained), pretrained_path)
+        self._encoder_args = (encoder, spatial_dims, in_channels, str2bool(pretrained), pretrained_path, output_stride)
         self.padding_mode = padding_mode
         self.encoder = set_padding_mode(build_encoder(*self._encoder_args), padding_mode)
 

@@ -173,9 +173,11 @@ class EfficientNetLiteEncoder(EfficientNet):
         spatial_dims: 2 or 3.
         in_channels: input channels.
         drop_connect_rate: the stochastic depth rate of the last block (scaled linearly from 0 at the first).
+        output_stride: 32 (as published), 16 or 8: the last one or two stride-2 stages keep their input's size and
+            dilate their depthwise convolutions (and those of every later block) instead, as DeepLab does, so the
+            ImageNet weights see the receptive fields they were trained with and the map is 2 or 4 times finer on
+            each side (more computation in the last stages).
     """
-
-    output_stride = 32
 
     def __init__(
         self,
@@ -183,9 +185,12 @@ class EfficientNetLiteEncoder(EfficientNet):
         spatial_dims: int = 2,
         in_channels: int = 3,
         drop_connect_rate: float = 0.2,
+        output_stride: int = 32,
     ) -> None:
         if variant not in _LITE_SCALING:
             raise ValueError(f"variant must be one of {tuple(_LITE_SCALING)}, got {variant!r}.")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
         super().__init__(
             _lite_blocks(*_LITE_SCALING[variant]),
             spatial_dims=spatial_dims,
@@ -202,7 +207,24 @@ class EfficientNetLiteEncoder(EfficientNet):
         self.variant = variant
         self.stage_depths = [len(stage) for stage in self._blocks]
         self.out_channels = self._bn1.num_features
+        self.output_stride = output_stride
+        self._dilate(int(math.log2(32 // output_stride)))
         del self._avg_pooling, self._dropout, self._fc  # features only
+
+    def _dilate(self, strides_removed: int) -> None:
+        """Turn the last ``strides_removed`` stride-2 stages into stride 1, dilating from there on (in place)."""
+        if not strides_removed:
+            return
+        stride2 = [i for i, stage in enumerate(self._blocks) if stage[0].stride == 2][-strides_removed:]
+        pad_type = nn.ConstantPad2d if self._conv_stem.weight.ndim == 4 else nn.ConstantPad3d
+        dilation = 1
+        for i, stage in enumerate(self._blocks):
+            dilation *= 2 if i in stride2 else 1
+            for block in stage if dilation > 1 else ():
+                conv = block._depthwise_conv
+                block.stride, conv.stride = 1, (1,) * len(conv.stride)
+                conv.dilation = (dilation,) * len(conv.stride)
+                block._depthwise_conv_padding = pad_type(dilation * (conv.kernel_size[0] - 1) // 2, 0.0)
 
     def set_swish(self, memory_efficient: bool = True) -> None:
         return
@@ -222,8 +244,10 @@ class EfficientNetLiteEncoder(EfficientNet):
 class EfficientNetLite0Encoder(EfficientNetLiteEncoder):
     """EfficientNet-lite0: :class:`EfficientNetLiteEncoder` with ``variant="efficientnet-lite0"``."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 3, drop_connect_rate: float = 0.2) -> None:
-        super().__init__("efficientnet-lite0", spatial_dims, in_channels, drop_connect_rate)
+    def __init__(
+        self, spatial_dims: int = 2, in_channels: int = 3, drop_connect_rate: float = 0.2, output_stride: int = 32
+    ) -> None:
+        super().__init__("efficientnet-lite0", spatial_dims, in_channels, drop_connect_rate, output_stride)
 
     @staticmethod
     def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -344,6 +368,7 @@ def build_encoder(
     in_channels: int = 3,
     pretrained: bool = False,
     pretrained_path: str | Path | None = None,
+    output_stride: int = 32,
 ) -> nn.Module:
     """An encoder by name (see ``ENCODERS``) or a user module, with ``out_channels`` and ``output_stride`` set.
 
@@ -353,6 +378,7 @@ def build_encoder(
         in_channels: input channels.
         pretrained: load the ImageNet weights that ship offline (EfficientNet-lite0/1/2, 2D, 3 channels only).
         pretrained_path: a local state dict to load instead (e.g. a torchvision ResNet-18 ImageNet checkpoint).
+        output_stride: of a named encoder: 32 (the ImageNet layout), 16 or 8 (finer maps; see the encoders).
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -362,8 +388,13 @@ def build_encoder(
             module.out_channels, module.output_stride = _measure(module, spatial_dims, in_channels)
         if pretrained:
             raise ValueError("pretrained=True applies to named encoders; pass pretrained_path= for a custom module.")
+        if output_stride != 32 and output_stride != module.output_stride:
+            raise ValueError(
+                f"output_stride applies to named encoders: this {type(module).__name__} has output stride "
+                f"{module.output_stride}; build it with the stride you want."
+            )
     elif encoder in _RESNETS:
-        module = ResNetEncoder(encoder, spatial_dims, in_channels)
+        module = ResNetEncoder(encoder, spatial_dims, in_channels, output_stride)
         if pretrained and pretrained_path is None:
             raise ValueError(
                 f"no offline ImageNet weights ship for {encoder}: pass pretrained_path= a local state dict (a "
@@ -371,9 +402,9 @@ def build_encoder(
             )
     elif encoder in _LITE_SCALING:
         if encoder == "efficientnet-lite0":
-            module = EfficientNetLite0Encoder(spatial_dims, in_channels)
+            module = EfficientNetLite0Encoder(spatial_dims, in_channels, output_stride=output_stride)
         else:
-            module = EfficientNetLiteEncoder(encoder, spatial_dims, in_channels)
+            module = EfficientNetLiteEncoder(encoder, spatial_dims, in_channels, output_stride=output_stride)
         if pretrained and pretrained_path is None:
             if spatial_dims != 2 or in_channels != 3:
                 raise ValueError(
