@@ -162,12 +162,13 @@ def summarise(per_rule: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def load_network(checkpoint: Path, encoder: str):
+def load_network(checkpoint: Path, encoder: str, output_stride: int = 32):
     from monai_wsl.model_card import trained_setting
     from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
 
     mode = trained_setting(checkpoint, "padding_mode", "zeros")
-    net = set_padding_mode(MaxMinUncertaintyNet(encoder=encoder, pretrained=False), mode)
+    net = MaxMinUncertaintyNet(encoder=encoder, pretrained=False, output_stride=output_stride)
+    net = set_padding_mode(net, mode)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net.load_state_dict(state.get("model", state))
     return net.eval()
@@ -184,6 +185,13 @@ def main() -> None:
     parser.add_argument("--log", help="the training's output (default: <run>/train.log, as report.py writes it)")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument(
+        "--output-stride",
+        type=int,
+        default=32,
+        help="the encoder's output stride the run was trained with (--network_def#output_stride; the weights do "
+        "not tell: a dilated encoder has the same parameters)",
+    )
     parser.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.15, 0.3, 0.4])
     parser.add_argument(
         "--short-sides",
@@ -227,7 +235,7 @@ def main() -> None:
         if not checkpoint.is_file():
             print(f"\n{checkpoint} is missing: mask rules skipped for it")
             continue
-        net = load_network(checkpoint, args.encoder)
+        net = load_network(checkpoint, args.encoder, args.output_stride)
         rows = evaluate_rules(net, items, args.thresholds, [None, *args.short_sides])
         results["rules"][name] = rows
         labels = sorted({k.rsplit("_", 1)[1] for row in rows.values() for k in row if k.startswith("mask_share_")})
