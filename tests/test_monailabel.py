@@ -31,7 +31,9 @@ def make_bundle(root: Path) -> Path:
     shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
     (bundle / "models").mkdir()
     torch.manual_seed(0)
-    torch.save(MaxMinUncertaintyNet(encoder="efficientnet-lite0").state_dict(), bundle / "models" / "model.pt")
+    torch.save(
+        MaxMinUncertaintyNet(encoder="efficientnet-lite0", pretrained=True).state_dict(), bundle / "models" / "model.pt"
+    )
     return bundle
 
 
