@@ -162,12 +162,13 @@ def summarise(per_rule: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def load_network(checkpoint: Path, encoder: str):
-    from monai_wsl.model_card import trained_setting
-    from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
+def load_network(checkpoint: Path, encoder: str | None = None):
+    """The network ``checkpoint`` was trained as (its model card's ``network_def``; a card from before it recorded one:
+    a max-min network with ``encoder``, default EfficientNet-lite0), its weights loaded."""
+    from monai_wsl.model_card import network_from_card
 
-    mode = trained_setting(checkpoint, "padding_mode", "zeros")
-    net = set_padding_mode(MaxMinUncertaintyNet(encoder=encoder, pretrained=False), mode)
+    given = {"encoder": encoder} if encoder else {}
+    net = network_from_card(checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net.load_state_dict(state.get("model", state))
     return net.eval()
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--datalist", required=True)
     parser.add_argument("--log", help="the training's output (default: <run>/train.log, as report.py writes it)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--encoder", help="default: the model card's, else efficientnet-lite0")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.15, 0.3, 0.4])
     parser.add_argument(
         "--short-sides",
