@@ -208,12 +208,10 @@ def test_whole_slide_and_monai_label_region_build_the_trained_network(trained, c
     }
     inferer = build_slide_inferer(carded_bundle, device="cpu", overrides=overrides)  # as the MONAI Label task does
     same_network(inferer.network, own)
-    with torch.no_grad():
-        blocks = [
-            [own_mask(own, torch.from_numpy(rgb[y : y + 64, x : x + 64]).permute(2, 0, 1) / 127.5 - 1) for x in (0, 64)]
-            for y in (0, 64)
-        ]
-    expected = torch.cat([torch.cat(row, 1) for row in blocks], 0).numpy()
+    patches = [torch.from_numpy(rgb[y : y + 64, x : x + 64]).permute(2, 0, 1) for y in (0, 64) for x in (0, 64)]
+    with torch.no_grad():  # the trained network on the four patches, preprocessed as the whole-slide path does
+        masks = own.predict(torch.as_tensor(inferer.preprocessing(torch.stack(patches).float())))["mask"][:, 0]
+    expected = torch.cat([torch.cat([masks[0], masks[1]], 1), torch.cat([masks[2], masks[3]], 1)], 0).numpy()
     region = infer_slide_region(inferer, {"image": str(slide), "location": (0, 0), "size": (128, 128), "level": 0})
     undecided = np.abs(expected - 0.5) < 1e-5
     assert np.array_equal(region["pred"][~undecided], (expected >= 0.5)[~undecided])
@@ -223,12 +221,17 @@ def test_whole_slide_and_monai_label_region_build_the_trained_network(trained, c
 
 
 def test_monai_label_bundle_task_serves_the_trained_networks_mask(trained, carded_bundle, tmp_path):
+    from monai.transforms import ScaleIntensityRange
+
     from tests.test_monailabel import serve
 
     root, own = trained
     image = sorted((root / "data" / "synthetic").glob("validation_*[0-9].png"))[0]
     served, _ = serve(carded_bundle, image, {"image": str(image)})  # (H, W), as the label file reads back
-    pixels = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+    scale = ScaleIntensityRange(a_min=0, a_max=255, b_min=-1.0, b_max=1.0, clip=True)  # inference.json's
+    pixels = torch.as_tensor(
+        scale(torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1).float())
+    )
     soft = own_mask(own, pixels.transpose(1, 2)).T.numpy()  # the bundle runs on MONAI's (W, H) axes of a PNG
     decided = np.abs(soft - 0.5) >= 1e-5
     assert served.shape == soft.shape and np.array_equal(served[decided], (soft >= 0.5)[decided])
