@@ -11,7 +11,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODEL_CARD", "INITIAL_WEIGHTS", "read_model_card", "trained_setting", "network_from_card"]
+__all__ = [
+    "MODEL_CARD",
+    "INITIAL_WEIGHTS",
+    "read_model_card",
+    "trained_setting",
+    "network_from_card",
+    "load_trained_network",
+]
 
 MODEL_CARD = "model_card.json"
 #: constructor arguments that only choose the initial weights: the checkpoint's replace them, so a network built for a
@@ -105,6 +112,17 @@ def network_from_card(checkpoint: str | Path, without_card: Mapping[str, Any] | 
     config = _merged(config, given)
     config.update(pretrained=False, pretrained_path=None)  # INITIAL_WEIGHTS: the checkpoint's are loaded next
     return ConfigParser({"network": config}).get_parsed_content("network")
+
+
+def load_trained_network(checkpoint: str | Path, without_card: Mapping[str, Any] | None = None, **settings: Any) -> Any:
+    """:func:`network_from_card` with the weights of ``checkpoint`` (a bare state dict, or a training checkpoint's
+    ``model``) loaded, on the CPU, in evaluation mode: what the scripts that study a trained model run."""
+    import torch
+
+    net = network_from_card(checkpoint, without_card, **settings)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("model", state))
+    return net.eval()
 
 
 def _config_without_card(card: dict, card_file: Path, fallback: dict) -> dict:

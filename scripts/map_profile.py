@@ -53,14 +53,11 @@ def main() -> None:
 
     from monai_wsl.data import load_datalist
     from monai_wsl.metrics import compute_pxap
-    from monai_wsl.model_card import network_from_card
+    from monai_wsl.model_card import load_trained_network
 
     given = {k: v for k, v in (("encoder", args.encoder), ("padding_mode", args.padding_mode)) if v}
-    net = network_from_card(args.checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
+    net = load_trained_network(args.checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
     mode = net.padding_mode
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    net.load_state_dict(state.get("model", state))
-    net.eval()
     load = LoadImage(image_only=True)
     h, w, s = *args.crop, args.shift
     at_corner, shifted = [], []

@@ -165,13 +165,10 @@ def summarise(per_rule: dict) -> dict[str, dict[str, float]]:
 def load_network(checkpoint: Path, encoder: str | None = None):
     """The network ``checkpoint`` was trained as (its model card's ``network_def``; a card from before it recorded one:
     a max-min network with ``encoder``, default EfficientNet-lite0), its weights loaded."""
-    from monai_wsl.model_card import network_from_card
+    from monai_wsl.model_card import load_trained_network
 
     given = {"encoder": encoder} if encoder else {}
-    net = network_from_card(checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net.load_state_dict(state.get("model", state))
-    return net.eval()
+    return load_trained_network(checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
 
 
 def _pct(v: float) -> str:
