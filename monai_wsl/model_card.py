@@ -1,15 +1,31 @@
-"""The model card, ``model_card.json`` beside a trained model: what the model was trained on and with, written by
-:class:`~monai_wsl.handlers.TrainingSummary` and read by the data checks, the evaluation and inference configs and
-the scripts, so that a model is run as it was trained."""
+"""The model card, ``model_card.json`` beside a trained model: what the model was trained on and with, and the whole
+network definition (``network_def``), written by :class:`~monai_wsl.handlers.TrainingSummary` and read by the data
+checks, the evaluation and inference configs, the exports and the scripts, so that a model is run as it was trained."""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MODEL_CARD", "read_model_card", "trained_setting"]
+__all__ = [
+    "MODEL_CARD",
+    "INITIAL_WEIGHTS",
+    "read_model_card",
+    "trained_setting",
+    "network_from_card",
+    "load_trained_network",
+]
 
 MODEL_CARD = "model_card.json"
+#: constructor arguments that only choose the initial weights: the checkpoint's replace them, so a network built for a
+#: checkpoint loads none (and a value given for them contradicts nothing)
+INITIAL_WEIGHTS = ("pretrained", "pretrained_path")
+
+logger = logging.getLogger(__name__)
 
 
 def read_model_card(checkpoint: str | Path) -> dict | None:
@@ -47,3 +63,131 @@ def trained_setting(checkpoint: str | Path, key: str, default: object = None) ->
             "from the training's models/ folder, or remove it to run the model with the default settings."
         )
     return trained_on.get(key, default)
+
+
+def network_from_card(checkpoint: str | Path, without_card: Mapping[str, Any] | None = None, **settings: Any) -> Any:
+    """The network that ``checkpoint`` was trained as: the ``network_def`` its model card records (the class and
+    every constructor argument), built without initial weights (:data:`INITIAL_WEIGHTS`; the checkpoint's are
+    loaded next). The bundle's evaluation, inference and export configs build their network here, so that
+    ``--network_def#w 7.5`` on their command line arrives as ``w=7.5``.
+
+    Args:
+        checkpoint: the trained model; its card is ``model_card.json`` beside it.
+        without_card: the network for a model whose card does not record ``network_def`` (a model saved before cards
+            did, or one without a card): ``target`` the class (default ``monai_wsl.networks.MaxMinUncertaintyNet``;
+            an older card's ``trained_on.network`` names it) and settings, under those given as ``settings``.
+        settings: constructor arguments given by the config or the command line. One the card records with another
+            value is refused; an equal one, or one the card does not hold, is used. An empty dict stands for nothing
+            (the configs hold ``"wildcat": {}`` so that ``--network_def#wildcat#kmax`` has a place to go).
+
+    Raises:
+        ValueError: a setting contradicts the card (the message names the card, the card's value and the given one),
+            or the card's ``network_def`` is damaged.
+    """
+    from monai.bundle import ConfigParser
+
+    card_file = Path(checkpoint).with_name(MODEL_CARD)
+    card = read_model_card(checkpoint) or {}
+    given = {k: v for k, v in settings.items() if not (isinstance(v, Mapping) and not v)}
+    recorded = card.get("network_def")
+    if recorded is None:
+        config = _config_without_card(card, card_file, dict(without_card or {}))
+    elif not isinstance(recorded, dict) or not isinstance(recorded.get("_target_"), str):
+        raise ValueError(
+            f"{card_file} is damaged ('network_def' is not a network config with a _target_): copy it again from "
+            "the training's models/ folder."
+        )
+    else:
+        conflicts = [
+            f"{key} = {value!r} given, {card_value!r} in the card"
+            for key, card_value, value in _conflicts(recorded, given)
+        ]
+        if conflicts:
+            raise ValueError(
+                f"{card_file} records the network {Path(checkpoint).name} was trained as, and the settings given here "
+                f"(command line or config) contradict it: {'; '.join(conflicts)}. A network built otherwise gives "
+                "other masks: leave these settings out (the card's values are used) or give the card's values."
+            )
+        config = copy.deepcopy(recorded)
+    config = _merged(config, given)
+    config.update(pretrained=False, pretrained_path=None)  # INITIAL_WEIGHTS: the checkpoint's are loaded next
+    return ConfigParser({"network": config}).get_parsed_content("network")
+
+
+def load_trained_network(checkpoint: str | Path, without_card: Mapping[str, Any] | None = None, **settings: Any) -> Any:
+    """:func:`network_from_card` with the weights of ``checkpoint`` (a bare state dict, or a training checkpoint's
+    ``model``) loaded, on the CPU, in evaluation mode: what the scripts that study a trained model run."""
+    import torch
+
+    net = network_from_card(checkpoint, without_card, **settings)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("model", state))
+    return net.eval()
+
+
+def _config_without_card(card: dict, card_file: Path, fallback: dict) -> dict:
+    """The network config for a card that does not record ``network_def``: ``fallback`` (``target`` and settings),
+    with what an older card's ``trained_on`` does record (the class, a named encoder, the padding)."""
+    from monai_wsl import networks
+
+    target = fallback.pop("target", "monai_wsl.networks.MaxMinUncertaintyNet")
+    trained_on = card.get("trained_on") if isinstance(card.get("trained_on"), dict) else {}
+    name = trained_on.get("network")
+    if isinstance(name, str) and isinstance(getattr(networks, name, None), type):
+        target = f"monai_wsl.networks.{name}"
+    if trained_on.get("encoder") in networks.ENCODERS:
+        fallback["encoder"] = trained_on["encoder"]
+    if "padding_mode" in trained_on:
+        fallback["padding_mode"] = trained_on["padding_mode"]
+    if card:
+        logger.warning(
+            f"{card_file} does not record the network's definition (network_def; a card from before cards did): "
+            f"{target.rpartition('.')[2]} is built from the configuration and the class defaults, so give the "
+            "settings the model was trained with (e.g. --network_def#w) if they were not the defaults."
+        )
+    return {"_target_": target, **fallback}
+
+
+def _conflicts(recorded: Mapping[str, Any], given: Mapping[str, Any], where: str = "network_def") -> Iterator[tuple]:
+    """``(id, card value, given value)`` for each given setting that the card records with another value."""
+    from monai_wsl.networks.config import config_value
+
+    for key, value in given.items():
+        if key in INITIAL_WEIGHTS or key not in recorded:
+            continue
+        try:
+            value = config_value(value, key)
+        except TypeError:
+            value = f"a {type(value).__name__} module"
+        if isinstance(value, Mapping) and isinstance(recorded[key], Mapping):
+            yield from _conflicts(recorded[key], value, f"{where}#{key}")
+        elif not _same(recorded[key], value):
+            yield f"{where}#{key}", recorded[key], value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two config values mean the same: ``"true"`` and ``True``, ``7`` and ``7.0``, a tuple and a list."""
+    from monai.utils import str2bool
+
+    if isinstance(a, bool) or isinstance(b, bool):
+        try:
+            return str2bool(a) == str2bool(b)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _merged(config: dict, given: Mapping[str, Any]) -> dict:
+    """``config`` with ``given`` laid over it, nested dicts key by key (``wildcat={"kmax": 0.25}`` keeps the rest)."""
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(config.get(key), dict):
+            config[key] = _merged(config[key], value)
+        else:
+            config[key] = value
+    return config

@@ -7,7 +7,8 @@ images' masks (pixels pooled over the images) within ``--band`` pixels of the ed
     python scripts/map_profile.py --checkpoint runs/glas/models/model.pt --datalist runs/glas/datalist.json
 
 The images are read as the bundle reads them (MONAI's ``LoadImage``), so rows and columns are the bundle's. The
-padding mode is the one the model card records (``--padding_mode`` to force one).
+network is the one the model card beside the checkpoint records (``network_def``, its padding mode included);
+``--encoder`` and ``--padding_mode`` give them for a model whose card does not record it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="a max-min model.pt (or a training checkpoint)")
     parser.add_argument("--datalist", required=True)
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--encoder", default="efficientnet-lite0")
-    parser.add_argument("--padding_mode", help="default: the model card's, else zeros")
+    parser.add_argument("--encoder", help="default: the model card's, else efficientnet-lite0")
+    parser.add_argument(
+        "--padding_mode", help="default: the model card's, else zeros (one the card contradicts is refused)"
+    )
     parser.add_argument(
         "--crop",
         type=int,
@@ -50,14 +53,11 @@ def main() -> None:
 
     from monai_wsl.data import load_datalist
     from monai_wsl.metrics import compute_pxap
-    from monai_wsl.model_card import trained_setting
-    from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
+    from monai_wsl.model_card import load_trained_network
 
-    mode = args.padding_mode or trained_setting(args.checkpoint, "padding_mode", "zeros")
-    net = set_padding_mode(MaxMinUncertaintyNet(encoder=args.encoder, pretrained=False), mode)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    net.load_state_dict(state.get("model", state))
-    net.eval()
+    given = {k: v for k, v in (("encoder", args.encoder), ("padding_mode", args.padding_mode)) if v}
+    net = load_trained_network(args.checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
+    mode = net.padding_mode
     load = LoadImage(image_only=True)
     h, w, s = *args.crop, args.shift
     at_corner, shifted = [], []

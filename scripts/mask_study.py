@@ -162,16 +162,14 @@ def summarise(per_rule: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def load_network(checkpoint: Path, encoder: str, output_stride: int = 32):
-    from monai_wsl.model_card import trained_setting
-    from monai_wsl.networks import MaxMinUncertaintyNet, set_padding_mode
+def load_network(checkpoint: Path, encoder: str | None = None, output_stride: int | None = None):
+    """The network ``checkpoint`` was trained as (its model card's ``network_def``; a card from before it recorded one:
+    a max-min network with ``encoder``, default EfficientNet-lite0, and ``output_stride``), its weights loaded."""
+    from monai_wsl.model_card import load_trained_network
 
-    mode = trained_setting(checkpoint, "padding_mode", "zeros")
-    net = MaxMinUncertaintyNet(encoder=encoder, pretrained=False, output_stride=output_stride)
-    net = set_padding_mode(net, mode)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net.load_state_dict(state.get("model", state))
-    return net.eval()
+    given = {"encoder": encoder} if encoder else {}
+    given.update({"output_stride": output_stride} if output_stride else {})
+    return load_trained_network(checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
 
 
 def _pct(v: float) -> str:
@@ -184,13 +182,12 @@ def main() -> None:
     parser.add_argument("--datalist", required=True)
     parser.add_argument("--log", help="the training's output (default: <run>/train.log, as report.py writes it)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--encoder", help="default: the model card's, else efficientnet-lite0")
     parser.add_argument(
         "--output-stride",
         type=int,
-        default=32,
-        help="the encoder's output stride the run was trained with (--network_def#output_stride; the weights do "
-        "not tell: a dilated encoder has the same parameters)",
+        help="default: the model card's, else 32 (a card from before it recorded the network: the weights of a "
+        "dilated encoder do not tell its stride)",
     )
     parser.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.15, 0.3, 0.4])
     parser.add_argument(

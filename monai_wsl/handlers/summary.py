@@ -10,11 +10,28 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from monai_wsl.model_card import MODEL_CARD, read_model_card, trained_setting
+from monai_wsl.networks.config import RecordsConfig
 from monai_wsl.utils import write_json_atomic
 
 __all__ = ["TrainingSummary", "MODEL_CARD", "read_model_card", "trained_setting"]
 
 logger = logging.getLogger(__name__)
+
+
+def network_definition(network: Any) -> dict | None:
+    """``network``'s config (:class:`~monai_wsl.networks.config.RecordsConfig`) for the model card, or None, with a
+    warning, for a network that cannot give one: its card then lacks ``network_def``, and evaluation and inference
+    build the network from their configuration, as for a model from before cards recorded it."""
+    try:
+        if not isinstance(network, RecordsConfig):
+            raise TypeError(f"a {type(network).__name__} does not record its constructor arguments")
+        return network.get_config()
+    except TypeError as e:
+        logger.warning(
+            f"the model card will not record the network's definition ({e}): evaluation and inference will build "
+            "it from their own configuration, so give them the settings it was trained with."
+        )
+        return None
 
 
 class TrainingSummary:
@@ -23,7 +40,10 @@ class TrainingSummary:
 
     Each time validation selects a new model (the best ``key_metric``, ties to the later epoch: the bundle's
     ``best_model_saver`` rule) a model card, ``model_card.json``, is written beside the model file: the epoch, its
-    metrics and what the model was trained on (``trained_on``), so that inference can tell what it is using.
+    metrics, what the model was trained on (``trained_on``) and, given the ``network``, its whole definition
+    (``network_def``: the class and every constructor argument, :meth:`~monai_wsl.networks.WSLNet.get_config`), from
+    which evaluation, inference and export build the same network
+    (:func:`~monai_wsl.model_card.network_from_card`).
 
     Attach it to the trainer; its record (:meth:`state_dict`) belongs in the training checkpoint, so that a resumed
     run reports the whole training.
@@ -34,6 +54,7 @@ class TrainingSummary:
         log_dir: the TensorBoard folder.
         trained_on: what the card records about the training (data, classes, network, recipe).
         key_metric: the validation metric the model is selected on.
+        network: the trained network (the bundle's ``network_def``, not a DDP or other wrapper of it).
     """
 
     def __init__(
@@ -43,9 +64,11 @@ class TrainingSummary:
         log_dir: str | Path,
         trained_on: dict[str, Any] | None = None,
         key_metric: str = "val_accuracy",
+        network: Any = None,
     ) -> None:
         self.evaluator, self.model_file, self.log_dir = evaluator, Path(model_file), Path(log_dir)
         self.trained_on, self.key_metric = dict(trained_on or {}), key_metric
+        self.network_def = network_definition(network) if network is not None else None
         self.selected: dict[str, Any] | None = None  # {"epoch": e, "metrics": {...}}
         self._trainer: Engine | None = None
 
@@ -68,6 +91,8 @@ class TrainingSummary:
             "validation": metrics,
             "trained_on": self.trained_on,
         }
+        if self.network_def is not None:
+            card["network_def"] = self.network_def
         write_json_atomic(self.model_file.with_name(MODEL_CARD), card)
 
     def __call__(self, engine: Engine) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from .blocks import CAMHead, WildcatHead, WildcatPool, wildcat_pool
+from .config import RecordsConfig
 from .nets import (
     ENCODERS,
     CAMClassifier,

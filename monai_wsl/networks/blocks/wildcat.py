@@ -114,6 +114,20 @@ class WildcatHead(nn.Module):
         self.conv = Conv[Conv.CONV, spatial_dims](in_channels, num_classes * modalities, kernel_size=1)
         self.pool = WildcatPool(**pooling)
 
+    @property
+    def settings(self) -> dict[str, float]:
+        """Every setting of the head (``modalities``, ``kmax``, ``kmin``, ``alpha``, ``dropout``), defaults included:
+        the ``wildcat`` argument that builds this head again."""
+        pool = self.pool
+        dropout = pool.dropout.p if pool.dropout is not None else 0.0
+        return {
+            "modalities": self.modalities,
+            "kmax": pool.kmax,
+            "kmin": pool.kmin,
+            "alpha": pool.alpha,
+            "dropout": dropout,
+        }
+
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, *spatial) -> scores (B, K), class maps (B, K, *spatial)``."""
         x = self.conv(features)

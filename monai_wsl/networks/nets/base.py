@@ -10,19 +10,24 @@ import torch
 import torch.nn as nn
 from monai.utils import str2bool
 
+from monai_wsl.networks.config import RecordsConfig
 from monai_wsl.networks.nets.encoders import build_encoder
 from monai_wsl.networks.utils import set_padding_mode
 
 __all__ = ["WSLNet", "MaskOutput"]
 
 
-class WSLNet(nn.Module):
+class WSLNet(RecordsConfig, nn.Module):
     """Base of the weakly-supervised networks: an encoder, and heads that give class logits and a pixel map.
 
     A subclass builds its heads and implements ``forward``, which always returns a dict with at least ``logits``
     ``(B, K)`` and ``mask`` ``(B, 1, *spatial)`` in [0, 1] at the input's size (the map that is scored and segmented
     at 0.5). :meth:`predict` gives those two for inference and :meth:`segment` the map alone; a subclass may make them
     cheaper.
+
+    A network knows its own definition: :meth:`get_config` gives every constructor argument (those of the subclass
+    included) as a bundle config, which the model card records beside the trained model, so that evaluation and
+    inference build the same network (:func:`monai_wsl.model_card.network_from_card`).
 
     Args:
         spatial_dims: 2 or 3.
@@ -33,7 +38,7 @@ class WSLNet(nn.Module):
         pretrained_path: a local encoder state dict to load (e.g. ImageNet ResNet-18 from torchvision).
         padding_mode: how the encoder pads the image's borders: ``"zeros"`` (as built) or ``"replicate"`` (the
             edge repeated; :func:`~monai_wsl.networks.set_padding_mode`). Not in the state dict, so a model must be
-            built with the padding it was trained with: the bundle takes it from the model card.
+            built with the padding it was trained with: the model card records it with the other arguments.
         output_stride: the encoder's, for a named encoder: 32 (as published), 16 or 8 (a finer map; the
             EfficientNet-lite encoders dilate their last stages, keeping the ImageNet weights' receptive fields).
     """

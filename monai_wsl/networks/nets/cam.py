@@ -49,6 +49,13 @@ class CAMClassifier(WSLNet):
             raise ValueError(f"pooling must be one of {(*POOLINGS, 'wildcat')}, got {pooling!r}.")
         self.pooling = pooling
 
+    def get_config(self) -> dict[str, Any]:
+        """Every constructor argument (:meth:`WSLNet.get_config`); with WILDCAT pooling, its settings in full."""
+        config = super().get_config()
+        if isinstance(self.head, WildcatHead):
+            config["wildcat"] = self.head.settings
+        return config
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
         logits, maps = self.head(self.encoder(x))

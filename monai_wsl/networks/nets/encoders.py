@@ -21,6 +21,8 @@ import torch.nn as nn
 from monai.networks.nets import EfficientNet, ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 
+from monai_wsl.networks.config import RecordsConfig
+
 __all__ = [
     "ENCODERS",
     "ResNetEncoder",
@@ -92,7 +94,7 @@ def _blocks_per_stage(state_dict: Mapping[str, torch.Tensor], stage_depths: list
     return out
 
 
-class ResNetEncoder(ResNet):
+class ResNetEncoder(RecordsConfig, ResNet):
     """MONAI ResNet without the classifier; by default in the ImageNet layout (7x7 stride-2 stem, max-pool, output
     stride 32).
 
@@ -156,7 +158,7 @@ class ResNetEncoder(ResNet):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-class EfficientNetLiteEncoder(EfficientNet):
+class EfficientNetLiteEncoder(RecordsConfig, EfficientNet):
     """EfficientNet-lite0, -lite1 or -lite2 (no squeeze-excitation, ReLU6) on MONAI's ``EfficientNet``, without the
     classifier.
 

@@ -80,6 +80,10 @@ class MaxMinUncertaintyNet(WSLNet):
         self.w, self.scale_in_cl = w, scale_in_cl
         self._smallest_scale = scale_in_cl
 
+    def get_config(self) -> dict[str, Any]:
+        """Every constructor argument (:meth:`WSLNet.get_config`), the WILDCAT settings in full (defaults included)."""
+        return {**super().get_config(), "wildcat": self.localizer_head.settings}
+
     def localize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Localizer pass: ``(B, C, *spatial)`` -> scores ``(B, K)``, class maps ``(B, K, *low)`` and the soft mask
         ``(B, 1, *spatial)``."""
