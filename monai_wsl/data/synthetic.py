@@ -12,10 +12,11 @@ the region that decides the label.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from monai_wsl.utils import atomic_write
 
 __all__ = [
     "synthetic_histology_sample",
@@ -268,13 +269,8 @@ def write_synthetic_slide(
             image, glands = synthetic_histology_sample(int(malignant), (tile, tile), rng)
             rgb[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = image
             mask[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = glands
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:  # the mask first, the slide renamed into place last: a slide file is always complete and has its mask
-        levels = write_rgb_pyramid(partial, rgb, mpp=mpp)
+    with atomic_write(path) as (partial,):  # the mask first, the slide renamed into place last: a slide file is
+        levels = write_rgb_pyramid(partial, rgb, mpp=mpp)  # always complete and has its mask
         lh, lw = levels[-1]
         Image.fromarray(mask * 255).resize((lw, lh), Image.NEAREST).save(anno)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
