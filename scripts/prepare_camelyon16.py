@@ -19,7 +19,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from monai_wsl.data.camelyon16 import CAMELYON16_CLASS_NAMES, EXCLUDED_SLIDES, prepare_camelyon16
+from monai_wsl.apps.camelyon16 import prepare_camelyon16
+from monai_wsl.data.camelyon16 import CAMELYON16_CLASS_NAMES, EXCLUDED_SLIDES
 from monai_wsl.data.check import DataError
 
 

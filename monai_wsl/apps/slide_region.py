@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from monai_wsl.data.check import DataError
-from monai_wsl.data.slides import mask_to_geojson, open_slide
+from monai_wsl.data.slides import mask_to_geojson, opened_slide
 
 __all__ = [
     "DEFAULT_LABEL_COLOR",
@@ -105,8 +105,8 @@ def check_region_request(request: Mapping[str, Any], backend: str = "openslide")
         level = int(0 if level_value is None else level_value)
     except (TypeError, ValueError):
         raise _refuse(f"slide {slide}: level must be a whole number, not {level_value!r}") from None
-    reader, wsi = open_slide(slide, backend)  # names a missing or unreadable slide
-    try:
+    with opened_slide(slide, backend) as (reader, wsi):  # names a missing or unreadable slide; a long-running
+        # server keeps no handle per request
         n = reader.get_level_count(wsi)
         if not 0 <= level < n:
             sizes = ", ".join(f"{i}: {tuple(reader.get_size(wsi, i))[::-1]}" for i in range(n))
@@ -128,10 +128,6 @@ def check_region_request(request: Mapping[str, Any], backend: str = "openslide")
             )
         h, w = (int(v) for v in reader.get_size(wsi, level))
         return SlideRegion(slide, location, size, level, float(reader.get_downsample_ratio(wsi, level)), (w, h))
-    finally:
-        close = getattr(wsi, "close", None)  # a long-running server must not keep a handle per request
-        if close is not None:
-            close()
 
 
 def region_annotation(

@@ -3,7 +3,6 @@ from __future__ import annotations
 from .camelyon16 import (
     CAMELYON16_CLASS_NAMES,
     find_camelyon16_slides,
-    prepare_camelyon16,
     rasterize_annotation,
     read_asap_annotation,
 )
@@ -26,6 +25,7 @@ from .slides import (
     list_slides,
     mask_to_geojson,
     open_slide,
+    opened_slide,
     otsu_threshold,
     tissue_mask,
     write_pyramid_tiff,
@@ -40,3 +40,11 @@ from .synthetic import (
     write_synthetic_slide,
     write_synthetic_volumes,
 )
+
+
+def __getattr__(name: str) -> object:
+    if name == "prepare_camelyon16":  # the pipeline moved to monai_wsl.apps.camelyon16; still importable from here
+        from monai_wsl.apps.camelyon16 import prepare_camelyon16
+
+        return prepare_camelyon16
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "SLIDE_SUFFIXES",
     "list_slides",
     "open_slide",
+    "opened_slide",
     "choose_level",
     "otsu_threshold",
     "tissue_mask",
@@ -102,6 +104,19 @@ def open_slide(path: str | Path, backend: str = "openslide") -> tuple[Any, Any]:
             ]
         ) from e
     return reader, wsi
+
+
+@contextmanager
+def opened_slide(path: str | Path, backend: str = "openslide") -> Iterator[tuple[Any, Any]]:
+    """:func:`open_slide` for a ``with`` block: ``(reader, wsi)``, the slide's handle closed when the block ends (a
+    long-running server or a pipeline over hundreds of slides keeps no handle it no longer reads)."""
+    reader, wsi = open_slide(path, backend)
+    try:
+        yield reader, wsi
+    finally:
+        close = getattr(wsi, "close", None)
+        if close is not None:
+            close()
 
 
 def choose_level(reader: Any, wsi: Any, path: str | Path, level: int | None = None, mpp: float | None = None) -> int:
