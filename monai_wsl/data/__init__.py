@@ -18,15 +18,22 @@ from .glas import (
     read_split_csv,
     stratified_split,
 )
+from .slide_outputs import SlideWriter, class_summary, run_summary, slide_output_paths
 from .slides import (
     SLIDE_SUFFIXES,
+    ArrayPlane,
+    ZeroMap,
     choose_level,
     downsample_mean,
+    find_tissue,
     list_slides,
     mask_to_geojson,
     open_slide,
     opened_slide,
     otsu_threshold,
+    read_region,
+    slide_problems,
+    survey_slide,
     tissue_mask,
     write_pyramid_tiff,
     write_rgb_pyramid,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "check_run", "inspect_image", "READABLE_SUFFIXES"]
+__all__ = ["DataError", "check_run", "inspect_image", "writable_problem", "warn_if_synthetic", "READABLE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ def _run_checks(checks: Sequence, num_threads: int | None) -> list[list[str]]:
     return results
 
 
-def _writable_problem(folder: str | Path) -> str | None:
+def writable_problem(folder: str | Path) -> str | None:
+    """What keeps the run from writing into ``folder`` (created when missing), or None."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,9 @@ def _writable_problem(folder: str | Path) -> str | None:
     return None
 
 
-def _warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, images: Sequence[str | Path]) -> None:
+def warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, images: Sequence[str | Path]) -> None:
+    """Warn when the model card of ``checkpoint`` says it was trained on the embedded synthetic set and the run's data
+    (``datalist`` or ``images``) is another."""
     from monai_wsl.model_card import read_model_card
 
     card = read_model_card(checkpoint) or {}
@@ -268,9 +271,9 @@ def check_run(
     checks += [functools.partial(_image_problems, image, min_size, spatial_dims) for image in images]
     for found in _run_checks(checks, num_threads):
         problems += found
-    problems += [p for p in map(_writable_problem, writable) if p]
+    problems += [p for p in map(writable_problem, writable) if p]
     if checkpoint is not None:
-        _warn_if_synthetic(checkpoint, datalist, images)
+        warn_if_synthetic(checkpoint, datalist, images)
     if problems:
         error = DataError(problems, f"the run's data ({datalist})" if datalist else "the run's inputs")
         logger.error(str(error))
