@@ -214,6 +214,33 @@ def warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, image
         )
 
 
+def _datalist_checks(
+    datalist: str | Path | None,
+    splits: Mapping[str, bool],
+    num_classes: int,
+    min_size: int,
+    spatial_dims: int,
+    problems: list[str],
+) -> list:
+    """One check per item of the splits read (a split that cannot be read is added to ``problems``)."""
+    from monai_wsl.data.datalist import load_datalist, missing_mask_is_empty
+
+    empty_masks = datalist is not None and missing_mask_is_empty(datalist)
+    checks = []
+    for split, needs_mask in splits.items():
+        try:
+            items = load_datalist(datalist, split, check_files=False)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        needs = "empty" if needs_mask and empty_masks else needs_mask
+        checks += [
+            functools.partial(_item_problems, item, f"{split}[{i}]", needs, num_classes, min_size, spatial_dims)
+            for i, item in enumerate(items)
+        ]
+    return checks
+
+
 def check_run(
     datalist: str | Path | None = None,
     splits: Mapping[str, bool] | None = None,
@@ -247,27 +274,14 @@ def check_run(
             whole, so a dataset of tens of thousands of patches takes minutes on one thread. A progress bar shows
             when there are more than :data:`PROGRESS_ABOVE` items (datalist items and images).
     """
-    from monai_wsl.data.datalist import load_datalist, missing_mask_is_empty
-
-    empty_masks = datalist is not None and missing_mask_is_empty(datalist)
     problems = []
     if resize_short_side is not None and crop_size is not None and crop_size > resize_short_side:
         problems.append(
             f"crop_size {crop_size} is larger than resize_short_side {resize_short_side}: crops would not be square; "
             f"set --resize_short_side {crop_size} or more"
         )
-    checks = []  # one call per datalist item or image, run by threads (the image decoders release the GIL)
-    for split, needs_mask in (splits or {}).items():
-        try:
-            items = load_datalist(datalist, split, check_files=False)
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        needs = "empty" if needs_mask and empty_masks else needs_mask
-        checks += [
-            functools.partial(_item_problems, item, f"{split}[{i}]", needs, len(class_names), min_size, spatial_dims)
-            for i, item in enumerate(items)
-        ]
+    # one call per datalist item or image, run by threads (the image decoders release the GIL)
+    checks = _datalist_checks(datalist, splits or {}, len(class_names), min_size, spatial_dims, problems)
     checks += [functools.partial(_image_problems, image, min_size, spatial_dims) for image in images]
     for found in _run_checks(checks, num_threads):
         problems += found
