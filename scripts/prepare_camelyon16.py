@@ -70,19 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        datalist = prepare_camelyon16(
-            args.src,
-            args.out,
-            patch_size=args.patch_size,
-            seed=args.seed,
-            valid_fraction=args.valid_fraction,
-            min_tissue=args.min_tissue,
-            min_metastatic=args.min_metastatic,
-            high_ratio=args.high_ratio,
-            exclude=args.exclude,
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
+        settings = {k: v for k, v in vars(args).items() if k != "no_progress"}  # the options are its arguments
+        datalist = prepare_camelyon16(**settings, progress=not args.no_progress)
     except DataError as e:
         parser.exit(1, f"error: {e}\n")
     seconds = time.perf_counter() - start
