@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +156,13 @@ def read_region(
     level: int | None = 0,
     mpp: float | None = None,
     backend: str = "openslide",
+    opened: tuple[Any, Any] | None = None,
 ) -> np.ndarray:
     """The ``(C, height, width)`` region of a slide at ``location`` ``(x, y)`` (level-0 pixels), ``size`` ``(width,
     height)`` in pixels of ``level`` (or of the level nearest ``mpp``, :func:`choose_level`); pixels beyond the slide
-    are glass (white). The slide is opened for this read only (a long-running server keeps no handle)."""
-    with opened_slide(path, backend) as (reader, wsi):
+    are glass (white). The slide is opened for this read only (a long-running server keeps no handle), unless
+    ``opened`` is its ``(reader, wsi)`` already open (left open)."""
+    with opened_slide(path, backend) if opened is None else nullcontext(opened) as (reader, wsi):
         level = choose_level(reader, wsi, path, level, mpp)
         image, _ = reader.get_data(
             wsi, location=(int(location[1]), int(location[0])), size=(int(size[1]), int(size[0])), level=level

@@ -185,7 +185,11 @@ class SlideInferer:
         slide's map there. Returns ``{"mask": (H, W) float32, "prob": (K,) float32}`` (the mean of the patches' class
         probabilities), and with ``uncertainty`` ``"uncertainty": (H, W) float32`` (bits)."""
         levels = (self.level, self.mpp) if level is None else (level, None)
-        image = read_region(slide, location, size, *levels, backend=self.backend)  # pixels beyond the slide: glass
+        return self.infer_pixels(read_region(slide, location, size, *levels, backend=self.backend))
+
+    def infer_pixels(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`infer_region` on a region already read (:func:`~monai_wsl.data.read_region`: ``(C, H, W)`` uint8,
+        glass beyond the slide)."""
         image = torch.from_numpy(image)[None]
         self.network.eval()
         probs: list[torch.Tensor] = []  # this call's own (calls from several threads do not mix)
