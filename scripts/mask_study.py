@@ -78,7 +78,8 @@ def mask_rules(
     """``{rule: (score map in [0, 1], binary mask)}``, each ``(1, 1, *spatial)`` at the size of ``x`` ``(1, C,
     *spatial)``; the network sees ``x`` resized to ``short_side`` as ``WSLInferer(short_side)`` resizes it (its map
     is upsampled to ``x``'s size directly)."""
-    from monai_wsl.networks.utils import minmax_normalize, soft_mask, spatial_flips, upsample
+    from monai_wsl.networks.blocks.soft_mask import soft_mask
+    from monai_wsl.networks.utils import minmax_normalize, spatial_flips, upsample
     from monai_wsl.transforms import ResizeShortSide
 
     sigma, w = float(net.sigma), float(net.w)
