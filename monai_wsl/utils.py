@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_bundle_root", "list_images", "report_outputs", "write_json_atomic", "IMAGE_SUFFIXES"]
+__all__ = [
+    "default_bundle_root",
+    "list_images",
+    "report_outputs",
+    "atomic_write",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "IMAGE_SUFFIXES",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
 
@@ -66,14 +76,37 @@ def report_outputs(folder: str | Path, what: str) -> None:
     logging.getLogger("monai_wsl").info(f"{what}: the results are in {folder}, which holds {listing}")
 
 
+@contextmanager
+def atomic_write(*paths: str | Path, suffix: str = "") -> Iterator[list[Path]]:
+    """Temporary names beside ``paths`` (``.<name>.<random>.partial<suffix>``, in the same folder, which is created),
+    for the block to write; when the block ends without an error each is renamed onto its path, in the order given
+    (the last one last: it can mark the others complete), and when it raises none is. Leftover temporary files are
+    removed either way, so a reader of ``paths`` sees a previous file or a complete new one, never half of one.
+    ``suffix``: for writers that add their own extension (``np.savez`` and ``.npz``)."""
+    targets = [Path(p) for p in paths]
+    temporary = [p.with_name(f".{p.name}.{secrets.token_hex(4)}.partial{suffix}") for p in targets]
+    for p in targets:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield temporary
+        for tmp, path in zip(temporary, targets):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it into place; an unchanged file is left as it
+    is (a rerun rewrites nothing)."""
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return
+    with atomic_write(path) as (tmp,):
+        tmp.write_bytes(data)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it: ``path`` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(path) as (tmp,):
+        tmp.write_text(json.dumps(data, indent=1))

@@ -13,12 +13,12 @@ network is the one the model card beside the checkpoint records (``network_def``
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from script_args import study_parser
 
 
 def standardised_map(net, x: torch.Tensor) -> np.ndarray:
@@ -29,11 +29,7 @@ def standardised_map(net, x: torch.Tensor) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a max-min model.pt (or a training checkpoint)")
-    parser.add_argument("--datalist", required=True)
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--encoder", help="default: the model card's, else efficientnet-lite0")
+    parser = study_parser(__doc__, "--checkpoint", "a max-min model.pt (or a training checkpoint)")
     parser.add_argument(
         "--padding_mode", help="default: the model card's, else zeros (one the card contradicts is refused)"
     )

@@ -20,12 +20,12 @@ bundle's validation metrics of the same weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
 import torch
+from script_args import study_parser
 
 METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*val_accuracy.*)$")
 
@@ -78,7 +78,8 @@ def mask_rules(
     """``{rule: (score map in [0, 1], binary mask)}``, each ``(1, 1, *spatial)`` at the size of ``x`` ``(1, C,
     *spatial)``; the network sees ``x`` resized to ``short_side`` as ``WSLInferer(short_side)`` resizes it (its map
     is upsampled to ``x``'s size directly)."""
-    from monai_wsl.networks.utils import minmax_normalize, soft_mask, spatial_flips, upsample
+    from monai_wsl.networks.blocks.soft_mask import soft_mask
+    from monai_wsl.networks.utils import minmax_normalize, spatial_flips, upsample
     from monai_wsl.transforms import ResizeShortSide
 
     sigma, w = float(net.sigma), float(net.w)
@@ -177,12 +178,8 @@ def _pct(v: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a bundle_root of a max-min training (train.log, models/)")
-    parser.add_argument("--datalist", required=True)
+    parser = study_parser(__doc__, "--run", "a bundle_root of a max-min training (train.log, models/)")
     parser.add_argument("--log", help="the training's output (default: <run>/train.log, as report.py writes it)")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--encoder", help="default: the model card's, else efficientnet-lite0")
     parser.add_argument(
         "--output-stride",
         type=int,

@@ -11,35 +11,32 @@ A second run with the same arguments continues an interrupted one (nothing done 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-from monai_wsl.data.camelyon16 import CAMELYON16_CLASS_NAMES, EXCLUDED_SLIDES, prepare_camelyon16
+from script_args import add_split_arguments, prepare_parser
+
+from monai_wsl.apps.camelyon16 import prepare_camelyon16
+from monai_wsl.data.camelyon16 import CAMELYON16_CLASS_NAMES, EXCLUDED_SLIDES
 from monai_wsl.data.check import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--src",
-        required=True,
-        type=Path,
-        help="CAMELYON16 folder: training/{normal,tumor,lesion_annotations}, testing/{images,lesion_annotations}, "
+    parser = prepare_parser(
+        __doc__,
+        "CAMELYON16 folder: training/{normal,tumor,lesion_annotations}, testing/{images,lesion_annotations}, "
         "testing/reference.csv",
+        "output folder (patches, masks, splits, datalist.json)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder (patches, masks, splits, datalist.json)")
     parser.add_argument("--patch-size", type=int, default=512, help="patch side at level 0 (default 512, the protocol)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the sampling (default 0)")
-    parser.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=0.25,
-        help="share of the training slides of each class that go to validation (default 0.25)",
+    add_split_arguments(
+        parser,
+        "seed of the split and the sampling (default 0)",
+        0.25,
+        "share of the training slides of each class that go to validation (default 0.25)",
     )
     parser.add_argument("--min-tissue", type=float, default=0.1, help="tissue fraction a patch needs (default 0.1)")
     parser.add_argument(
@@ -69,19 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        datalist = prepare_camelyon16(
-            args.src,
-            args.out,
-            patch_size=args.patch_size,
-            seed=args.seed,
-            valid_fraction=args.valid_fraction,
-            min_tissue=args.min_tissue,
-            min_metastatic=args.min_metastatic,
-            high_ratio=args.high_ratio,
-            exclude=args.exclude,
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
+        settings = {k: v for k, v in vars(args).items() if k != "no_progress"}  # the options are its arguments
+        datalist = prepare_camelyon16(**settings, progress=not args.no_progress)
     except DataError as e:
         parser.exit(1, f"error: {e}\n")
     seconds = time.perf_counter() - start

@@ -8,24 +8,22 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 
+from script_args import add_split_arguments, prepare_parser
+
 from monai_wsl.data.glas import DEFAULT_VALID_FRACTION, create_glas_datalist
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--src",
-        required=True,
-        type=Path,
-        help="GlaS folder: train_N/testA_N/testB_N images, <name>_anno masks and Grade.csv",
+    parser = prepare_parser(
+        __doc__,
+        "GlaS folder: train_N/testA_N/testB_N images, <name>_anno masks and Grade.csv",
+        "datalist JSON to write",
     )
-    parser.add_argument("--out", required=True, type=Path, help="datalist JSON to write")
     parser.add_argument(
         "--splits",
         type=Path,
@@ -34,12 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         "else a seeded stratified split)",
     )
     parser.add_argument("--fold", type=int, default=0, help="fold of the split files (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
-    parser.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=DEFAULT_VALID_FRACTION,
-        help=f"validation share of each class in the stratified split (default {DEFAULT_VALID_FRACTION:.4f})",
+    add_split_arguments(
+        parser,
+        "seed of the stratified split (default 0)",
+        DEFAULT_VALID_FRACTION,
+        f"validation share of each class in the stratified split (default {DEFAULT_VALID_FRACTION:.4f})",
     )
     parser.add_argument(
         "--allow-missing-train-masks",

@@ -3,7 +3,6 @@ validation evaluator) and the recipe run it reports on."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -11,15 +10,13 @@ from pathlib import Path
 import pytest
 from ignite.engine import Engine, Events
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark")
 
 
 def test_epoch_split_counts_each_validation_once():

@@ -6,7 +6,6 @@ runs it) so that the slides stay small."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from PIL import Image
 from monai_wsl.data import DataError
 from monai_wsl.data.camelyon16 import fill_polygon, normal_quotas, rasterize_annotation, read_asap_annotation
 from monai_wsl.data.slides import write_rgb_pyramid
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -34,14 +34,7 @@ GLASS, PINK, PURPLE = (242, 240, 244), (225, 130, 190), (140, 60, 170)
 RECTS = [(64, 80, 704, 880), (960, 128, 1408, 896)]
 
 
-def _spec():
-    spec = importlib.util.spec_from_file_location("prepare_camelyon16", REPO / "scripts" / "prepare_camelyon16.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _spec()
+prepare = load_script("prepare_camelyon16")
 
 
 def ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 60, phase: float = 0.3) -> np.ndarray:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("mask_study", REPO / "scripts" / "mask_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mask_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("mask_study")
 
 
 def line(epoch, acc, pxap, f1=0.5):

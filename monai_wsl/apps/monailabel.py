@@ -43,7 +43,7 @@ class SlideRegionInferTask(BasicInferTask):
     """MONAI Label inference of the bundle's localizer on a region of a slide (MONAI Label's pathology convention:
     ``image`` the slide, ``location`` ``(x, y)`` in level-0 pixels, ``size`` ``(w, h)`` in pixels of ``level``).
 
-    The region runs through :meth:`~monai_wsl.inferers.SlideInferer.infer_region`, built from the bundle's own
+    The region runs through :meth:`~monai_wsl.inferers.SlideInferer.infer_region`'s path, built from the bundle's own
     ``inference.json`` + ``inference_wsi.json`` (:func:`~monai_wsl.apps.build_slide_inferer`), so MONAI Label and
     ``python -m monai.bundle run ... inference_wsi.json`` share one definition (patch size, overlap, preprocessing,
     threshold). Each request gives MONAI Label's result for a tile: ``pred`` the ``(H, W)`` uint8 label map
@@ -102,7 +102,7 @@ class SlideRegionInferTask(BasicInferTask):
         return d
 
     def pre_transforms(self, data: Any = None) -> list:
-        return []  # the slide region is read by SlideInferer.infer_region itself, patch by patch
+        return []  # the slide region is read by infer_slide_region (its slide opened once) and run patch by patch
 
     def post_transforms(self, data: Any = None) -> list:
         return []  # the threshold and polygons are made in run_inferer, by infer_slide_region

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from monai_wsl.data.check import DataError
-from monai_wsl.data.slides import mask_to_geojson, open_slide
+from monai_wsl.data.slides import mask_to_geojson, opened_slide, read_region
 
 __all__ = [
     "DEFAULT_LABEL_COLOR",
@@ -90,6 +90,13 @@ def check_region_request(request: Mapping[str, Any], backend: str = "openslide")
     is read by ``backend``, the level exists, the size is positive and at most :data:`MAX_REGION_PIXELS`, the region
     starts on the slide (it may reach past the right or bottom edge). A :class:`~monai_wsl.data.DataError` names the
     slide, what is wrong and the fix."""
+    slide, location, size, level = _read_request(request)
+    with opened_slide(slide, backend) as (reader, wsi):  # names a missing or unreadable slide; a long-running
+        return _region_on(reader, wsi, slide, location, size, level)  # server keeps no handle per request
+
+
+def _read_request(request: Mapping[str, Any]) -> tuple[Path, tuple[int, int], tuple[int, int], int]:
+    """The request's slide, ``location``, ``size`` and ``level``, checked for form (not yet against the slide)."""
     slide = request.get("image")
     if not isinstance(slide, (str, Path)) or not str(slide):
         raise _refuse(f"the request's image must be the path of a slide file, not {type(slide).__name__} {slide!r}")
@@ -105,33 +112,34 @@ def check_region_request(request: Mapping[str, Any], backend: str = "openslide")
         level = int(0 if level_value is None else level_value)
     except (TypeError, ValueError):
         raise _refuse(f"slide {slide}: level must be a whole number, not {level_value!r}") from None
-    reader, wsi = open_slide(slide, backend)  # names a missing or unreadable slide
-    try:
-        n = reader.get_level_count(wsi)
-        if not 0 <= level < n:
-            sizes = ", ".join(f"{i}: {tuple(reader.get_size(wsi, i))[::-1]}" for i in range(n))
-            raise _refuse(
-                f"slide {slide} has no level {level}: it has {n} level(s) (width x height: {sizes}); ask for a level "
-                f"from 0 to {n - 1}"
-            )
-        if min(size) <= 0 or size[0] * size[1] > MAX_REGION_PIXELS:
-            raise _refuse(
-                f"slide {slide}: size {size} at level {level} is {'empty' if min(size) <= 0 else 'too large'}: ask "
-                f"for 1 to {MAX_REGION_PIXELS} pixels (MONAI Label's /infer/wsi_v2 splits a large region into "
-                "tile_size tiles)"
-            )
-        h0, w0 = (int(v) for v in reader.get_size(wsi, 0))
-        if min(location) < 0 or location[0] >= w0 or location[1] >= h0:
-            raise _refuse(
-                f"slide {slide}: the region at location {location} (level-0 pixels) does not start on the slide, "
-                f"whose level 0 is {w0} x {h0} pixels: ask for a location from (0, 0) to ({w0 - 1}, {h0 - 1})"
-            )
-        h, w = (int(v) for v in reader.get_size(wsi, level))
-        return SlideRegion(slide, location, size, level, float(reader.get_downsample_ratio(wsi, level)), (w, h))
-    finally:
-        close = getattr(wsi, "close", None)  # a long-running server must not keep a handle per request
-        if close is not None:
-            close()
+    return slide, location, size, level
+
+
+def _region_on(
+    reader: Any, wsi: Any, slide: Path, location: tuple[int, int], size: tuple[int, int], level: int
+) -> SlideRegion:
+    """The region of a request on its open slide, checked against the slide's levels and size."""
+    n = reader.get_level_count(wsi)
+    if not 0 <= level < n:
+        sizes = ", ".join(f"{i}: {tuple(reader.get_size(wsi, i))[::-1]}" for i in range(n))
+        raise _refuse(
+            f"slide {slide} has no level {level}: it has {n} level(s) (width x height: {sizes}); ask for a level "
+            f"from 0 to {n - 1}"
+        )
+    if min(size) <= 0 or size[0] * size[1] > MAX_REGION_PIXELS:
+        raise _refuse(
+            f"slide {slide}: size {size} at level {level} is {'empty' if min(size) <= 0 else 'too large'}: ask "
+            f"for 1 to {MAX_REGION_PIXELS} pixels (MONAI Label's /infer/wsi_v2 splits a large region into "
+            "tile_size tiles)"
+        )
+    h0, w0 = (int(v) for v in reader.get_size(wsi, 0))
+    if min(location) < 0 or location[0] >= w0 or location[1] >= h0:
+        raise _refuse(
+            f"slide {slide}: the region at location {location} (level-0 pixels) does not start on the slide, "
+            f"whose level 0 is {w0} x {h0} pixels: ask for a location from (0, 0) to ({w0 - 1}, {h0 - 1})"
+        )
+    h, w = (int(v) for v in reader.get_size(wsi, level))
+    return SlideRegion(slide, location, size, level, float(reader.get_downsample_ratio(wsi, level)), (w, h))
 
 
 def region_annotation(
@@ -176,6 +184,21 @@ def region_annotation(
     }
 
 
+def _thresholds(request: Mapping[str, Any], default: float, slide: Path) -> tuple[float, float]:
+    """The request's ``threshold`` (``default`` when not given) and ``min_poly_area`` (default 0), checked."""
+    threshold, min_poly_area = request.get("threshold"), request.get("min_poly_area")
+    try:
+        threshold = float(default if threshold is None else threshold)
+        min_poly_area = float(min_poly_area or 0.0)
+    except (TypeError, ValueError):
+        raise _refuse(
+            f"slide {slide}: threshold and min_poly_area must be numbers, not {threshold!r} and {min_poly_area!r}"
+        ) from None
+    if not 0.0 <= threshold <= 1.0:
+        raise _refuse(f"slide {slide}: threshold {threshold} is not a mask probability: ask for 0 to 1")
+    return threshold, min_poly_area
+
+
 def infer_slide_region(
     inferer: Any,
     request: Mapping[str, Any],
@@ -183,8 +206,9 @@ def infer_slide_region(
     color: Sequence[int] = DEFAULT_LABEL_COLOR,
 ) -> dict[str, Any]:
     """Run one region request through ``inferer`` (a :class:`~monai_wsl.inferers.SlideInferer`): the request is
-    checked (:func:`check_region_request`), :meth:`~monai_wsl.inferers.SlideInferer.infer_region` gives the region's
-    mask ``M``, and the regions ``M >= threshold`` become MONAI Label's annotation (:func:`region_annotation`).
+    checked (as :func:`check_region_request` does) and its pixels read, the slide opened once;
+    :meth:`~monai_wsl.inferers.SlideInferer.infer_pixels` gives the region's mask ``M`` (as ``infer_region`` does),
+    and the regions ``M >= threshold`` become MONAI Label's annotation (:func:`region_annotation`).
 
     The request's optional ``threshold`` (default: the inferer's) and ``min_poly_area`` (default 0, in pixels of the
     level read) are honoured. The part of the region beyond the slide's edge is never a region (its ``pred`` is 0).
@@ -194,19 +218,12 @@ def infer_slide_region(
     the checked SlideRegion}``. Calls from several threads may share an inferer (the MONAI Label task still runs one
     at a time, so that one model on one device is not asked for several regions' memory at once).
     """
-    region = check_region_request(request, getattr(inferer, "backend", "openslide"))
-    threshold, min_poly_area = request.get("threshold"), request.get("min_poly_area")
-    try:
-        threshold = float(getattr(inferer, "threshold", 0.5) if threshold is None else threshold)
-        min_poly_area = float(min_poly_area or 0.0)
-    except (TypeError, ValueError):
-        raise _refuse(
-            f"slide {region.slide}: threshold and min_poly_area must be numbers, not {threshold!r} and "
-            f"{min_poly_area!r}"
-        ) from None
-    if not 0.0 <= threshold <= 1.0:
-        raise _refuse(f"slide {region.slide}: threshold {threshold} is not a mask probability: ask for 0 to 1")
-    out = inferer.infer_region(region.slide, location=region.location, size=region.size, level=region.level)
+    slide, location, size, level = _read_request(request)
+    with opened_slide(slide, getattr(inferer, "backend", "openslide")) as (reader, wsi):  # once for the request
+        region = _region_on(reader, wsi, slide, location, size, level)
+        threshold, min_poly_area = _thresholds(request, getattr(inferer, "threshold", 0.5), slide)
+        image = read_region(slide, region.location, region.size, region.level, opened=(reader, wsi))
+    out = inferer.infer_pixels(image)  # as SlideInferer.infer_region, on the pixels read here
     mask = np.asarray(out["mask"], np.float32)
     if mask.shape != region.size[::-1]:
         raise RuntimeError(f"infer_region gave a mask of shape {mask.shape} for {region}; expected {region.size[::-1]}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 from .camelyon16 import (
     CAMELYON16_CLASS_NAMES,
     find_camelyon16_slides,
-    prepare_camelyon16,
     rasterize_annotation,
     read_asap_annotation,
 )
@@ -19,14 +18,22 @@ from .glas import (
     read_split_csv,
     stratified_split,
 )
+from .slide_outputs import SlideWriter, class_summary, run_summary, slide_output_paths
 from .slides import (
     SLIDE_SUFFIXES,
+    ArrayPlane,
+    ZeroMap,
     choose_level,
     downsample_mean,
+    find_tissue,
     list_slides,
     mask_to_geojson,
     open_slide,
+    opened_slide,
     otsu_threshold,
+    read_region,
+    slide_problems,
+    survey_slide,
     tissue_mask,
     write_pyramid_tiff,
     write_rgb_pyramid,
@@ -40,3 +47,11 @@ from .synthetic import (
     write_synthetic_slide,
     write_synthetic_volumes,
 )
+
+
+def __getattr__(name: str) -> object:
+    if name == "prepare_camelyon16":  # the pipeline moved to monai_wsl.apps.camelyon16; still importable from here
+        from monai_wsl.apps.camelyon16 import prepare_camelyon16
+
+        return prepare_camelyon16
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,9 @@ square patches of ``patch_size`` (512) pixels at level 0, on a grid without over
   each split, as many as that split's metastatic patches, shared evenly among its normal slides.
 
 Every function that meets a bad input raises :class:`~monai_wsl.data.DataError` naming the file and the fix.
-``scripts/prepare_camelyon16.py`` runs the whole pipeline (resumable, in parallel); this module holds its parts.
+This module holds the protocol's parts (the release, the annotations and their rasteriser, the tissue, the sampling);
+:mod:`monai_wsl.apps.camelyon16` runs the whole pipeline over a release (resumable, in parallel), and
+``scripts/prepare_camelyon16.py`` is its command line.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from .check import DataError
-from .slides import open_slide, tissue_mask
 
 __all__ = [
     "CAMELYON16_CLASS_NAMES",
@@ -44,9 +45,9 @@ __all__ = [
     "check_annotation_on_slide",
     "fill_polygon",
     "rasterize_annotation",
+    "polygon_boxes",
     "choose_tissue_level",
     "patch_area_fractions",
-    "scan_slide",
     "select_metastatic",
     "normal_quotas",
     "select_normal",
@@ -141,44 +142,9 @@ def find_camelyon16_slides(src: str | Path, exclude: Sequence[str] = EXCLUDED_SL
     if folders["normal"].is_dir():
         slides += [C16Slide(p.stem, p, 0, "training") for p in _slides_in(folders["normal"])]
     if folders["tumor"].is_dir():
-        notes = _annotations_in(src / "training" / "lesion_annotations")
-        for p in _slides_in(folders["tumor"]):
-            xml = notes.get(p.stem.lower())
-            if xml is None:
-                problems.append(
-                    f"tumour slide {p} has no annotation {src / 'training' / 'lesion_annotations' / (p.stem + '.xml')}"
-                    ": copy the release's lesion_annotations folder there (unzip lesion_annotations.zip) or remove "
-                    "the slide"
-                )
-            slides.append(C16Slide(p.stem, p, 1, "training", xml))
+        slides += _tumour_slides(src, folders["tumor"], problems)
     if folders["test"].is_dir():
-        reference = src / "testing" / "reference.csv"
-        if not reference.is_file():
-            problems.append(
-                f"{reference} not found: the test slides' labels come from the release's reference.csv "
-                "(rows 'test_NNN,Normal|Tumor,...'); copy it there"
-            )
-            labels = {}
-        else:
-            labels, bad = _read_reference(reference)
-            problems += bad
-        notes = _annotations_in(src / "testing" / "lesion_annotations")
-        for p in _slides_in(folders["test"]):
-            if p.stem.lower() in excluded:
-                continue
-            label = labels.get(p.stem.lower())
-            if label is None:
-                if reference.is_file() and labels:
-                    problems.append(f"test slide {p} is not listed in {reference}: add its row or remove the slide")
-                continue
-            xml = notes.get(p.stem.lower()) if label else None
-            if label and xml is None:
-                problems.append(
-                    f"test slide {p} is Tumor in {reference} but has no annotation "
-                    f"{src / 'testing' / 'lesion_annotations' / (p.stem + '.xml')}: copy the release's testing "
-                    "lesion_annotations there or remove the slide"
-                )
-            slides.append(C16Slide(p.stem, p, label, "testing", xml))
+        slides += _test_slides(src, folders["test"], excluded, problems)
     slides = [s for s in slides if s.name.lower() not in excluded]
     names: dict[str, Path] = {}
     for s in slides:
@@ -189,6 +155,55 @@ def find_camelyon16_slides(src: str | Path, exclude: Sequence[str] = EXCLUDED_SL
         problems.append(f"no slide (.tif) in {src}: {_LAYOUT}")
     if problems:
         raise DataError(problems, f"the CAMELYON16 release ({src})")
+    return slides
+
+
+def _tumour_slides(src: Path, folder: Path, problems: list[str]) -> list[C16Slide]:
+    """The training tumour slides with their annotations; a slide without one is a problem."""
+    slides = []
+    notes = _annotations_in(src / "training" / "lesion_annotations")
+    for p in _slides_in(folder):
+        xml = notes.get(p.stem.lower())
+        if xml is None:
+            problems.append(
+                f"tumour slide {p} has no annotation {src / 'training' / 'lesion_annotations' / (p.stem + '.xml')}"
+                ": copy the release's lesion_annotations folder there (unzip lesion_annotations.zip) or remove "
+                "the slide"
+            )
+        slides.append(C16Slide(p.stem, p, 1, "training", xml))
+    return slides
+
+
+def _test_slides(src: Path, folder: Path, excluded: set[str], problems: list[str]) -> list[C16Slide]:
+    """The test slides, labelled by ``testing/reference.csv``, with the tumour slides' annotations."""
+    slides = []
+    reference = src / "testing" / "reference.csv"
+    if not reference.is_file():
+        problems.append(
+            f"{reference} not found: the test slides' labels come from the release's reference.csv "
+            "(rows 'test_NNN,Normal|Tumor,...'); copy it there"
+        )
+        labels = {}
+    else:
+        labels, bad = _read_reference(reference)
+        problems += bad
+    notes = _annotations_in(src / "testing" / "lesion_annotations")
+    for p in _slides_in(folder):
+        if p.stem.lower() in excluded:
+            continue
+        label = labels.get(p.stem.lower())
+        if label is None:
+            if reference.is_file() and labels:
+                problems.append(f"test slide {p} is not listed in {reference}: add its row or remove the slide")
+            continue
+        xml = notes.get(p.stem.lower()) if label else None
+        if label and xml is None:
+            problems.append(
+                f"test slide {p} is Tumor in {reference} but has no annotation "
+                f"{src / 'testing' / 'lesion_annotations' / (p.stem + '.xml')}: copy the release's testing "
+                "lesion_annotations there or remove the slide"
+            )
+        slides.append(C16Slide(p.stem, p, label, "testing", xml))
     return slides
 
 
@@ -290,7 +305,8 @@ def fill_polygon(points: np.ndarray, x0: float, y0: float, width: int, height: i
     return (np.cumsum(toggles[:, :width], axis=1) % 2).astype(bool)
 
 
-def _bbox(polygons: Sequence[np.ndarray]) -> np.ndarray:
+def polygon_boxes(polygons: Sequence[np.ndarray]) -> np.ndarray:
+    """The ``(n, 4)`` bounding boxes ``(x_min, y_min, x_max, y_max)`` of polygons (``(k, 2)`` ``(x, y)`` each)."""
     return np.array([[*p.min(0), *p.max(0)] for p in polygons]).reshape(-1, 4)
 
 
@@ -310,7 +326,7 @@ def rasterize_annotation(
     for polygons, value in ((tumour, True), (excluded, False)):
         if not len(polygons):
             continue
-        boxes = _bbox(polygons)
+        boxes = polygon_boxes(polygons)
         near = (boxes[:, 2] >= x0) & (boxes[:, 0] <= x0 + width) & (boxes[:, 3] >= y0) & (boxes[:, 1] <= y0 + height)
         for i in np.flatnonzero(near):
             filled = fill_polygon(polygons[i], x0, y0, width, height)
@@ -350,83 +366,6 @@ def patch_area_fractions(mask: np.ndarray, downsample: tuple[float, float], xs: 
     wy = overlaps(np.asarray(ys, np.float64), mask.shape[0], downsample[0])
     wx = overlaps(np.asarray(xs, np.float64), mask.shape[1], downsample[1])
     return (wy @ mask.astype(np.float64) @ wx.T) / float(size * size)
-
-
-def scan_slide(
-    slide: C16Slide,
-    patch_size: int = 512,
-    min_tissue: float = 0.1,
-    min_saturation: float = 0.07,
-    progress: bool = False,
-) -> dict[str, np.ndarray | int | float]:
-    """Every grid patch of a slide that has tissue or lesion: its level-0 corner ``x``, ``y``, its ``tissue`` fraction
-    and (tumour slides; 0 elsewhere) its ``metastatic`` fraction, computed for the patches of at least ``min_tissue``
-    tissue that meet the annotation's bounding boxes. Also the slide's level-0 ``width``, ``height``, the
-    ``tissue_level`` and the Otsu ``threshold``.
-
-    Raises:
-        DataError: naming the file, for a slide that cannot be read or is not pyramidal, and for an annotation
-            that is unreadable, empty or outside the slide.
-    """
-    reader, wsi = open_slide(slide.path)
-    try:
-        h0, w0 = (int(v) for v in reader.get_size(wsi, 0))
-        if min(h0, w0) < patch_size:
-            raise DataError(
-                [f"slide {slide.path} is {w0} x {h0} pixels at level 0, smaller than a patch ({patch_size})"]
-            )
-        tumour: list[np.ndarray] = []
-        excluded: list[np.ndarray] = []
-        if slide.annotation is not None:
-            tumour, excluded = read_asap_annotation(slide.annotation)
-            problems = check_annotation_on_slide(tumour, excluded, (h0, w0), slide.annotation, slide.path)
-            if problems:
-                raise DataError(problems, f"the annotation {slide.annotation}")
-        level = choose_tissue_level(reader, wsi, patch_size, slide.path)
-        hl, wl = (int(v) for v in reader.get_size(wsi, level))
-        try:
-            rgb, _ = reader.get_data(wsi, location=(0, 0), size=(hl, wl), level=level)
-        except Exception as e:
-            raise DataError([f"slide {slide.path}: level {level} cannot be read ({type(e).__name__}: {e})"]) from e
-        rgb = np.moveaxis(np.asarray(rgb), 0, -1)[..., :3]
-        tissue, threshold = tissue_mask(rgb, min_saturation)
-        xs = np.arange(w0 // patch_size) * patch_size
-        ys = np.arange(h0 // patch_size) * patch_size
-        fractions = patch_area_fractions(tissue, (h0 / hl, w0 / wl), xs, ys, patch_size)
-        metastatic = np.zeros_like(fractions)
-        if tumour:
-            boxes = _bbox(tumour)
-            gx, gy = np.meshgrid(xs, ys)
-            meets = np.zeros(fractions.shape, bool)
-            for x_lo, y_lo, x_hi, y_hi in boxes:
-                meets |= (gx + patch_size > x_lo) & (gx < x_hi) & (gy + patch_size > y_lo) & (gy < y_hi)
-            todo = np.argwhere(meets & (fractions >= min_tissue))
-            for r, c in _progress(todo, progress, f"{slide.name} (lesion)"):
-                metastatic[r, c] = rasterize_annotation(tumour, excluded, int(xs[c]), int(ys[r]), patch_size).mean()
-        rows, cols = np.nonzero((fractions > 0) | (metastatic > 0))
-        return {
-            "x": xs[cols].astype(np.int64),
-            "y": ys[rows].astype(np.int64),
-            "tissue": fractions[rows, cols].astype(np.float64),
-            "metastatic": metastatic[rows, cols].astype(np.float64),
-            "grid": int(xs.size * ys.size),
-            "width": w0,
-            "height": h0,
-            "tissue_level": int(level),
-            "threshold": float(threshold),
-        }
-    finally:
-        close = getattr(wsi, "close", None)
-        if close is not None:
-            close()
-
-
-def _progress(items: Any, show: bool, desc: str) -> Any:
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="patch", leave=False)
 
 
 def rng_for(seed: int, *names: str) -> np.random.Generator:
@@ -481,313 +420,13 @@ def select_normal(scan: dict, name: str, seed: int, count: int, min_tissue: floa
     return np.sort(rng_for(seed, name, "normal").choice(candidates, size=count, replace=False)).astype(np.int64)
 
 
-# ---------------------------------------------------------------------------------------------- the whole pipeline
-SPLITS = ("training", "validation", "test")
-_CSV_FIELDS = ("image", "mask", "label", "slide", "x", "y", "tissue", "metastatic")
+#: the pipeline's names, moved to :mod:`monai_wsl.apps.camelyon16`; still importable from here
+_MOVED = ("SPLITS", "scan_slide", "prepare_camelyon16")
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, then rename it into place; unchanged files are left as
-    they are (a rerun rewrites nothing)."""
-    if path.is_file() and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:  # imported when asked for: the pipeline (apps/) stands above the data it reads
+        from monai_wsl.apps import camelyon16
 
-
-def _save_png_atomic(path: Path, array: np.ndarray) -> None:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    _write_bytes_atomic(path, buffer.getvalue())
-
-
-def _patch_name(slide: str, x: int, y: int) -> str:
-    return f"{slide}_x{x}_y{y}"
-
-
-def _scan_file(work: Path, name: str) -> Path:
-    return work / "scans" / f"{name}.npz"
-
-
-def _scan_task(args: tuple) -> tuple[str, float]:
-    """Scan one slide into ``work/scans/<name>.npz`` (written under a temporary name, then renamed)."""
-    import time
-
-    slide, work, patch_size, min_tissue, min_saturation, progress = args
-    start = time.perf_counter()
-    scan = scan_slide(slide, patch_size, min_tissue, min_saturation, progress)
-    path = _scan_file(work, slide.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.npz")
-    np.savez(tmp, **{k: np.asarray(v) for k, v in scan.items()})
-    tmp.replace(path)
-    return slide.name, time.perf_counter() - start
-
-
-def _load_scan(work: Path, name: str) -> dict:
-    with np.load(_scan_file(work, name)) as data:
-        return {k: data[k] if data[k].ndim else data[k].item() for k in data.files}
-
-
-def _extract_task(args: tuple) -> tuple[str, float, int]:
-    """Write the chosen patches of one slide (image, and mask for metastatic patches), each under a temporary name
-    renamed when complete; patches already there are not read again. A marker in ``work/done`` says the slide is
-    finished."""
-    import json
-    import time
-
-    slide, work, out, patches, patch_size, progress, position = args
-    start = time.perf_counter()
-    done = work / "done" / f"{slide.name}.json"
-    names = [_patch_name(slide.name, p["x"], p["y"]) for p in patches]
-    if done.is_file() and json.loads(done.read_text()).get("patches") == names:
-        return slide.name, 0.0, 0
-    todo = [
-        p
-        for p, n in zip(patches, names)
-        if not (out / "images" / slide.name / f"{n}.png").is_file()
-        or (p["label"] == 1 and not (out / "masks" / slide.name / f"{n}_mask.png").is_file())
-    ]
-    written = 0
-    if todo:
-        reader, wsi = open_slide(slide.path)
-        tumour: list[np.ndarray] = []
-        excluded: list[np.ndarray] = []
-        if slide.annotation is not None:
-            tumour, excluded = read_asap_annotation(slide.annotation)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=len(patches),
-                initial=len(patches) - len(todo),
-                desc=slide.name,
-                unit="patch",
-                position=position,  # one line per worker process; None: one bar per slide, left on screen
-                leave=position is None,
-            )
-        try:
-            for p in todo:
-                name = _patch_name(slide.name, p["x"], p["y"])
-                try:
-                    rgb, _ = reader.get_data(wsi, location=(p["y"], p["x"]), size=(patch_size, patch_size), level=0)
-                except Exception as e:
-                    raise DataError(
-                        [f"slide {slide.path}: the patch at x {p['x']}, y {p['y']} cannot be read ({e})"]
-                    ) from e
-                rgb = np.ascontiguousarray(np.moveaxis(np.asarray(rgb), 0, -1)[..., :3]).astype(np.uint8)
-                if p["label"] == 1:
-                    mask = rasterize_annotation(tumour, excluded, p["x"], p["y"], patch_size)
-                    _save_png_atomic(out / "masks" / slide.name / f"{name}_mask.png", mask.astype(np.uint8) * 255)
-                _save_png_atomic(out / "images" / slide.name / f"{name}.png", rgb)
-                written += 1
-                if bar is not None:
-                    bar.update()
-        finally:
-            if bar is not None:
-                bar.close()
-            close = getattr(wsi, "close", None)
-            if close is not None:
-                close()
-    seconds = time.perf_counter() - start
-    _write_bytes_atomic(done, json.dumps({"patches": names, "seconds": round(seconds, 3)}).encode())
-    return slide.name, seconds, written
-
-
-def _run(task: Any, jobs: list, workers: int) -> list:
-    if workers <= 1 or len(jobs) <= 1:
-        return [task(j) for j in jobs]
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
-    try:
-        return list(pool.map(task, jobs))
-    finally:  # on a failure, the slides not started yet are not run (what is done stays done: a rerun resumes)
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _preflight(slides: Sequence[C16Slide], patch_size: int) -> None:
-    """Open every slide and read every annotation before any work: all problems in one :class:`DataError`."""
-    problems = []
-    for s in slides:
-        try:
-            reader, wsi = open_slide(s.path)
-            h, w = (int(v) for v in reader.get_size(wsi, 0))
-            close = getattr(wsi, "close", None)
-            if close is not None:
-                close()
-        except DataError as e:
-            problems += e.problems
-            continue
-        if min(h, w) < patch_size:
-            problems.append(f"slide {s.path} is {w} x {h} pixels at level 0, smaller than a patch ({patch_size})")
-        if s.annotation is not None:
-            try:
-                tumour, excluded = read_asap_annotation(s.annotation)
-            except DataError as e:
-                problems += e.problems
-                continue
-            problems += check_annotation_on_slide(tumour, excluded, (h, w), s.annotation, s.path)
-    if problems:
-        raise DataError(problems, "the CAMELYON16 slides and annotations")
-
-
-def prepare_camelyon16(
-    src: str | Path,
-    out: str | Path,
-    patch_size: int = 512,
-    seed: int = 0,
-    valid_fraction: float = 0.25,
-    min_tissue: float = 0.1,
-    min_metastatic: float = 0.2,
-    high_ratio: float = 1.0,
-    min_saturation: float = 0.07,
-    exclude: Sequence[str] = EXCLUDED_SLIDES,
-    workers: int = 1,
-    progress: bool = True,
-) -> dict:
-    """Cut the CAMELYON16-P512 patches of a release folder ``src`` into ``out`` and write their datalist.
-
-    The training slides are split at slide level into ``training`` and ``validation`` (seeded, stratified by the
-    slide's class, ``valid_fraction`` of each class; :func:`monai_wsl.data.stratified_split`), the test slides form
-    ``test``. Writes ``out/images/<slide>/<slide>_x<X>_y<Y>.png``, ``out/masks/<slide>/..._mask.png`` (metastatic
-    patches only: 255 = lesion; a normal patch has no mask file, which the datalist's ``"missing_mask": "empty"``
-    makes an all-zero mask), ``out/splits/<split>.csv`` and, last, ``out/datalist.json``.
-
-    Resumable: the per-slide scans (``out/.work/scans``) and the patches already written are kept, and a rerun
-    continues where the last one stopped; the same settings and seed give the same files, byte for byte. A rerun
-    with other settings or another set of slides is refused (use another ``out``).
-
-    Returns:
-        the datalist written.
-
-    Raises:
-        DataError: every problem found, each naming its file (release layout, annotations, slides, settings).
-    """
-    import json
-    import time
-
-    from monai_wsl.utils import write_json_atomic
-
-    from .glas import stratified_split
-
-    out = Path(out).expanduser().resolve()
-    work = out / ".work"
-    if patch_size < 8:
-        raise DataError([f"patch size {patch_size} is too small: use 512 (the protocol) or at least 8"])
-    slides = find_camelyon16_slides(src, exclude)
-    settings = {
-        "src": str(Path(src).expanduser().resolve()),
-        "patch_size": int(patch_size),
-        "seed": int(seed),
-        "valid_fraction": float(valid_fraction),
-        "min_tissue": float(min_tissue),
-        "min_metastatic": float(min_metastatic),
-        "high_ratio": float(high_ratio),
-        "min_saturation": float(min_saturation),
-        "slides": [s.name for s in slides],
-    }
-    settings_file = work / "settings.json"
-    if settings_file.is_file():
-        before = json.loads(settings_file.read_text())
-        changed = [k for k in settings if before.get(k) != settings[k]]
-        if changed:
-            raise DataError(
-                [
-                    f"{out} was started with other settings ({', '.join(f'{k}: {before.get(k)!r}' for k in changed)}"
-                    "): rerun with the same ones to continue it, or pass another --out"
-                ]
-            )
-    todo_scan = [s for s in slides if not _scan_file(work, s.name).is_file()]
-    _preflight(todo_scan, patch_size)
-    _write_bytes_atomic(settings_file, json.dumps(settings, indent=1).encode())
-
-    # the split, at slide level
-    training = {s.name: s.label for s in slides if s.source == "training"}
-    split_of = {s.name: "test" for s in slides if s.source == "testing"}
-    if training:
-        try:
-            train, valid = stratified_split(training, valid_fraction, seed)
-        except ValueError as e:
-            raise DataError([f"the training slides of {src} cannot be split: {e}"]) from e
-        split_of.update({n: "training" for n in train} | {n: "validation" for n in valid})
-
-    # 1. scan the slides: tissue and metastatic fractions of every grid patch
-    started = time.perf_counter()
-    jobs = [(s, work, patch_size, min_tissue, min_saturation, progress and workers <= 1) for s in todo_scan]
-    scan_seconds = dict(_run(_scan_task, jobs, workers))
-    if todo_scan:
-        logger.info("scanned %d slide(s) in %.1f s", len(todo_scan), time.perf_counter() - started)
-    scans = {s.name: _load_scan(work, s.name) for s in slides}
-
-    # 2. choose the patches, split by split
-    chosen: dict[str, list[dict]] = {s.name: [] for s in slides}
-    for split in SPLITS:
-        members = [s for s in slides if split_of.get(s.name) == split]
-        n_metastatic = 0
-        for s in (s for s in members if s.label == 1):
-            for i in select_metastatic(scans[s.name], s.name, seed, min_tissue, min_metastatic, 0.5, high_ratio):
-                chosen[s.name].append(_item(scans[s.name], i, 1))
-                n_metastatic += 1
-        normal = [s for s in members if s.label == 0]
-        available = {s.name: int((np.asarray(scans[s.name]["tissue"]) >= min_tissue).sum()) for s in normal}
-        quotas = normal_quotas(available, n_metastatic)
-        for s in normal:
-            for i in select_normal(scans[s.name], s.name, seed, quotas[s.name], min_tissue):
-                chosen[s.name].append(_item(scans[s.name], i, 0))
-        if members and sum(quotas.values()) < n_metastatic:
-            logger.warning(
-                f"{split}: {n_metastatic} metastatic patches but the normal slides of the split have only "
-                f"{sum(quotas.values())} tissue patches: the split is unbalanced"
-            )
-
-    # 3. write the patches, slide by slide
-    jobs = [
-        (s, work, out, chosen[s.name], patch_size, progress, i % workers if workers > 1 else None)
-        for i, s in enumerate(s for s in slides if chosen[s.name])
-    ]
-    extract = {name: (seconds, written) for name, seconds, written in _run(_extract_task, jobs, workers)}
-
-    # 4. the split CSVs and, last, the datalist
-    datalist: dict[str, Any] = {split: [] for split in SPLITS}
-    for s in slides:
-        for p in chosen[s.name]:
-            name = _patch_name(s.name, p["x"], p["y"])
-            item = {"image": f"images/{s.name}/{name}.png", "label": p["label"]}
-            if p["label"] == 1:
-                item["mask"] = f"masks/{s.name}/{name}_mask.png"
-            item.update(slide=s.name, x=p["x"], y=p["y"], tissue=p["tissue"], metastatic=p["metastatic"])
-            datalist[split_of[s.name]].append(item)
-    datalist = {k: v for k, v in datalist.items() if v}
-    datalist.update(labels=list(CAMELYON16_CLASS_NAMES), missing_mask="empty", patch_size=int(patch_size))
-    for split in SPLITS:
-        rows = [",".join(_CSV_FIELDS)]
-        for item in datalist.get(split, []):
-            rows.append(",".join(str(item.get(k, "")) for k in _CSV_FIELDS))
-        _write_bytes_atomic(out / "splits" / f"{split}.csv", ("\n".join(rows) + "\n").encode())
-    text = json.dumps(datalist, indent=1).encode()
-    if not (out / "datalist.json").is_file() or (out / "datalist.json").read_bytes() != text:
-        write_json_atomic(out / "datalist.json", datalist)
-    datalist["_timing"] = {
-        name: {"scan_s": scan_seconds.get(name, 0.0), "extract_s": extract.get(name, (0.0, 0))[0]}
-        for name in settings["slides"]
-    }
-    datalist["_written"] = sum(w for _, w in extract.values())
-    return datalist
-
-
-def _item(scan: dict, i: int, label: int) -> dict:
-    return {
-        "x": int(scan["x"][i]),
-        "y": int(scan["y"][i]),
-        "tissue": round(float(scan["tissue"][i]), 6),
-        "metastatic": round(float(scan["metastatic"][i]), 6),
-        "label": label,
-    }
+        return getattr(camelyon16, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

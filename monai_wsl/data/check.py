@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "check_run", "inspect_image", "READABLE_SUFFIXES"]
+__all__ = ["DataError", "check_run", "inspect_image", "writable_problem", "warn_if_synthetic", "READABLE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ def _run_checks(checks: Sequence, num_threads: int | None) -> list[list[str]]:
     return results
 
 
-def _writable_problem(folder: str | Path) -> str | None:
+def writable_problem(folder: str | Path) -> str | None:
+    """What keeps the run from writing into ``folder`` (created when missing), or None."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,9 @@ def _writable_problem(folder: str | Path) -> str | None:
     return None
 
 
-def _warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, images: Sequence[str | Path]) -> None:
+def warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, images: Sequence[str | Path]) -> None:
+    """Warn when the model card of ``checkpoint`` says it was trained on the embedded synthetic set and the run's data
+    (``datalist`` or ``images``) is another."""
     from monai_wsl.model_card import read_model_card
 
     card = read_model_card(checkpoint) or {}
@@ -209,6 +212,33 @@ def _warn_if_synthetic(checkpoint: str | Path, datalist: str | Path | None, imag
             f"{checkpoint} was trained on the embedded synthetic set ({synthetic}), not on histology images: its masks "
             "and classes on these images mean nothing. Train on your data first (bundle/docs/README.md, Train)."
         )
+
+
+def _datalist_checks(
+    datalist: str | Path | None,
+    splits: Mapping[str, bool],
+    num_classes: int,
+    min_size: int,
+    spatial_dims: int,
+    problems: list[str],
+) -> list:
+    """One check per item of the splits read (a split that cannot be read is added to ``problems``)."""
+    from monai_wsl.data.datalist import load_datalist, missing_mask_is_empty
+
+    empty_masks = datalist is not None and missing_mask_is_empty(datalist)
+    checks = []
+    for split, needs_mask in splits.items():
+        try:
+            items = load_datalist(datalist, split, check_files=False)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        needs = "empty" if needs_mask and empty_masks else needs_mask
+        checks += [
+            functools.partial(_item_problems, item, f"{split}[{i}]", needs, num_classes, min_size, spatial_dims)
+            for i, item in enumerate(items)
+        ]
+    return checks
 
 
 def check_run(
@@ -244,33 +274,20 @@ def check_run(
             whole, so a dataset of tens of thousands of patches takes minutes on one thread. A progress bar shows
             when there are more than :data:`PROGRESS_ABOVE` items (datalist items and images).
     """
-    from monai_wsl.data.datalist import load_datalist, missing_mask_is_empty
-
-    empty_masks = datalist is not None and missing_mask_is_empty(datalist)
     problems = []
     if resize_short_side is not None and crop_size is not None and crop_size > resize_short_side:
         problems.append(
             f"crop_size {crop_size} is larger than resize_short_side {resize_short_side}: crops would not be square; "
             f"set --resize_short_side {crop_size} or more"
         )
-    checks = []  # one call per datalist item or image, run by threads (the image decoders release the GIL)
-    for split, needs_mask in (splits or {}).items():
-        try:
-            items = load_datalist(datalist, split, check_files=False)
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        needs = "empty" if needs_mask and empty_masks else needs_mask
-        checks += [
-            functools.partial(_item_problems, item, f"{split}[{i}]", needs, len(class_names), min_size, spatial_dims)
-            for i, item in enumerate(items)
-        ]
+    # one call per datalist item or image, run by threads (the image decoders release the GIL)
+    checks = _datalist_checks(datalist, splits or {}, len(class_names), min_size, spatial_dims, problems)
     checks += [functools.partial(_image_problems, image, min_size, spatial_dims) for image in images]
     for found in _run_checks(checks, num_threads):
         problems += found
-    problems += [p for p in map(_writable_problem, writable) if p]
+    problems += [p for p in map(writable_problem, writable) if p]
     if checkpoint is not None:
-        _warn_if_synthetic(checkpoint, datalist, images)
+        warn_if_synthetic(checkpoint, datalist, images)
     if problems:
         error = DataError(problems, f"the run's data ({datalist})" if datalist else "the run's inputs")
         logger.error(str(error))

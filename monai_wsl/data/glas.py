@@ -197,6 +197,48 @@ def _split_files(splits_dir: Path, fold: int) -> tuple[Path, Path]:
     return splits_dir / f"fold{fold}_train.csv", splits_dir / f"fold{fold}_valid.csv"
 
 
+def _read_splits(
+    splits_dir: Path,
+    fold: int,
+    src: Path,
+    images: dict,
+    grades: dict[str, int],
+    grades_csv: Path,
+    class_names: Sequence[str],
+) -> dict[str, list[str]]:
+    """The training and validation names of a fold's split files, checked against the images and their grades."""
+    splits = {}
+    seen: dict[str, Path] = {}
+    for split, csv_path in zip(("training", "validation"), _split_files(splits_dir.resolve(), fold)):
+        split_labels = read_split_csv(csv_path)
+        splits[split] = list(split_labels)
+        for name, label in split_labels.items():
+            if name not in images:
+                raise ValueError(f"split file {csv_path} names {name}, which is not an image of {src}.")
+            if name in seen:
+                raise ValueError(f"{name} is in two splits: {seen[name]} and {csv_path}.")
+            if label is not None and name in grades and label != grades[name]:
+                raise ValueError(
+                    f"split file {csv_path} gives {name} the label {label}, but {grades_csv} grades it "
+                    f"{class_names[grades[name]]} ({grades[name]}): correct one of the two files."
+                )
+            seen[name] = csv_path
+    logger.info("GlaS split from %s (fold %d).", splits_dir, fold)
+    return splits
+
+
+def _item(name: str, split: str, images: dict, grades: dict[str, int], src: Path, require_train_masks: bool) -> dict:
+    """The datalist item of image ``name``; an image without a mask is refused unless allowed."""
+    image, mask = images[name]["image"], images[name]["mask"]
+    item = {"image": str(image), "label": grades[name]}
+    if mask is not None:
+        item["mask"] = str(mask)
+    elif require_train_masks or split != "training":
+        hint = "; pass require_train_masks=False to train without it" if split == "training" else ""
+        raise ValueError(f"image {image} has no mask {name}_anno.{_ANY_EXT} in {src}{hint}.")
+    return item
+
+
 def create_glas_datalist(
     src: str | Path,
     splits_dir: str | Path | None = None,
@@ -241,46 +283,18 @@ def create_glas_datalist(
     train_names = [n for n in images if n.startswith("train_")]
     if not train_names:
         raise ValueError(f"no training image (train_N.{_ANY_EXT}) in {src}.")
-
     if splits_dir is None and all(p.is_file() for p in _split_files(src / "splits", fold)):
         splits_dir = src / "splits"
     if splits_dir is not None:
-        splits = {}
-        seen: dict[str, Path] = {}
-        for split, csv_path in zip(("training", "validation"), _split_files(Path(splits_dir).resolve(), fold)):
-            split_labels = read_split_csv(csv_path)
-            splits[split] = list(split_labels)
-            for name, label in split_labels.items():
-                if name not in images:
-                    raise ValueError(f"split file {csv_path} names {name}, which is not an image of {src}.")
-                if name in seen:
-                    raise ValueError(f"{name} is in two splits: {seen[name]} and {csv_path}.")
-                if label is not None and name in grades and label != grades[name]:
-                    raise ValueError(
-                        f"split file {csv_path} gives {name} the label {label}, but {grades_csv} grades it "
-                        f"{class_names[grades[name]]} ({grades[name]}): correct one of the two files."
-                    )
-                seen[name] = csv_path
-        logger.info("GlaS split from %s (fold %d).", splits_dir, fold)
+        splits = _read_splits(Path(splits_dir), fold, src, images, grades, grades_csv, class_names)
     else:
         train, valid = stratified_split({n: grades[n] for n in train_names}, valid_fraction, seed)
         splits = {"training": train, "validation": valid}
     test_names = [n for n in images if not n.startswith("train_")]
     if test_names:
         splits["test"] = test_names
-
-    datalist: dict = {}
-    for split, names in splits.items():
-        items = []
-        for name in names:
-            image, mask = images[name]["image"], images[name]["mask"]
-            item = {"image": str(image), "label": grades[name]}
-            if mask is not None:
-                item["mask"] = str(mask)
-            elif require_train_masks or split != "training":
-                hint = "; pass require_train_masks=False to train without it" if split == "training" else ""
-                raise ValueError(f"image {image} has no mask {name}_anno.{_ANY_EXT} in {src}{hint}.")
-            items.append(item)
-        datalist[split] = items
-    datalist["labels"] = list(class_names)
-    return datalist
+    datalist: dict = {
+        split: [_item(name, split, images, grades, src, require_train_masks) for name in names]
+        for split, names in splits.items()
+    }
+    return {**datalist, "labels": list(class_names)}

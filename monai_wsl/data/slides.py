@@ -1,5 +1,5 @@
-"""Whole-slide images: listing and checking slides, the tissue mask, and the files a slide's map is handed on in
-(a pyramidal tiled TIFF, GeoJSON polygons, a thumbnail).
+"""Whole-slide images: listing, opening and checking slides, their tissue, and slides written as scanners write them.
+The files a slide's map is handed on in are :mod:`monai_wsl.data.slide_outputs`' (re-exported here).
 
 Slides are read through MONAI's :class:`~monai.data.WSIReader` (OpenSlide for SVS / NDPI / MRXS / tiled TIFF, cuCIM
 where installed). Everything here works region by region or on a low-resolution level, so that a slide of any size
@@ -10,24 +10,31 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .check import DataError
+from .check import DataError, writable_problem
+from .slide_outputs import ArrayPlane, ZeroMap, downsample_mean, mask_to_geojson, write_pyramid_tiff
 
 __all__ = [
     "SLIDE_SUFFIXES",
     "list_slides",
     "open_slide",
+    "opened_slide",
     "choose_level",
+    "read_region",
+    "slide_problems",
     "otsu_threshold",
     "tissue_mask",
+    "find_tissue",
+    "survey_slide",
     "downsample_mean",
     "ZeroMap",
+    "ArrayPlane",
     "write_pyramid_tiff",
     "write_rgb_pyramid",
     "mask_to_geojson",
@@ -104,6 +111,19 @@ def open_slide(path: str | Path, backend: str = "openslide") -> tuple[Any, Any]:
     return reader, wsi
 
 
+@contextmanager
+def opened_slide(path: str | Path, backend: str = "openslide") -> Iterator[tuple[Any, Any]]:
+    """:func:`open_slide` for a ``with`` block: ``(reader, wsi)``, the slide's handle closed when the block ends (a
+    long-running server or a pipeline over hundreds of slides keeps no handle it no longer reads)."""
+    reader, wsi = open_slide(path, backend)
+    try:
+        yield reader, wsi
+    finally:
+        close = getattr(wsi, "close", None)
+        if close is not None:
+            close()
+
+
 def choose_level(reader: Any, wsi: Any, path: str | Path, level: int | None = None, mpp: float | None = None) -> int:
     """The slide's level to run at: ``level`` as given (checked), or the level whose microns per pixel are nearest
     ``mpp`` (within 25 %, else an error that lists the slide's levels)."""
@@ -127,6 +147,71 @@ def choose_level(reader: Any, wsi: Any, path: str | Path, level: int | None = No
         listed = ", ".join(f"{i}: {m:.3g}" for i, m in enumerate(mpps))
         raise DataError([f"slide {path} has no level near {mpp} microns per pixel (its levels: {listed})"])
     return best
+
+
+def read_region(
+    path: str | Path,
+    location: Sequence[int],
+    size: Sequence[int],
+    level: int | None = 0,
+    mpp: float | None = None,
+    backend: str = "openslide",
+    opened: tuple[Any, Any] | None = None,
+) -> np.ndarray:
+    """The ``(C, height, width)`` region of a slide at ``location`` ``(x, y)`` (level-0 pixels), ``size`` ``(width,
+    height)`` in pixels of ``level`` (or of the level nearest ``mpp``, :func:`choose_level`); pixels beyond the slide
+    are glass (white). The slide is opened for this read only (a long-running server keeps no handle), unless
+    ``opened`` is its ``(reader, wsi)`` already open (left open)."""
+    with opened_slide(path, backend) if opened is None else nullcontext(opened) as (reader, wsi):
+        level = choose_level(reader, wsi, path, level, mpp)
+        image, _ = reader.get_data(
+            wsi, location=(int(location[1]), int(location[0])), size=(int(size[1]), int(size[0])), level=level
+        )
+        image = np.array(image)
+        h, w = reader.get_size(wsi, level)
+        downsample = float(reader.get_downsample_ratio(wsi, level))
+    inside_h = max(0, min(int(size[1]), h - round(location[1] / downsample)))
+    inside_w = max(0, min(int(size[0]), w - round(location[0] / downsample)))
+    image[:, inside_h:, :] = 255
+    image[:, :, inside_w:] = 255
+    return image
+
+
+def slide_problems(
+    slides: Sequence[str | Path],
+    backend: str = "openslide",
+    level: int | None = 0,
+    mpp: float | None = None,
+    patch_size: int = 512,
+    min_patch_size: int = 1,
+    output_dir: str | Path | None = None,
+) -> list[str]:
+    """What keeps a whole-slide run from starting, each naming its file: a slide that cannot be opened, has no such
+    level or a level smaller than a patch; a patch smaller than the network's ``min_patch_size``; an output folder
+    that cannot be written; two slides of one name (their outputs would overwrite each other)."""
+    problems = []
+    for slide in slides:
+        try:
+            with opened_slide(slide, backend) as (reader, wsi):
+                chosen = choose_level(reader, wsi, slide, level, mpp)
+                h, w = reader.get_size(wsi, chosen)
+            if min(h, w) < patch_size:
+                problems.append(
+                    f"slide {slide}: level {chosen} is {w} x {h} pixels, smaller than a patch ({patch_size}): "
+                    "pass a smaller --patch_size or a finer --level"
+                )
+        except DataError as e:
+            problems += e.problems
+    if patch_size < min_patch_size:
+        problems.append(f"patch_size {patch_size} is under the network's minimum {min_patch_size}")
+    writable = writable_problem(output_dir) if output_dir is not None else None
+    problems += [writable] if writable else []
+    stems = [Path(s).stem for s in slides]
+    problems += [
+        f"two slides are named {s!r}: their outputs would overwrite each other"
+        for s in sorted({s for s in stems if stems.count(s) > 1})
+    ]
+    return problems
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -154,111 +239,73 @@ def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.07) -> tuple[np.ndarr
     return saturation > threshold, threshold
 
 
-def downsample_mean(source: Any, factor: int, tile: int = 2048, out: Any = None) -> Any:
-    """``source`` (``(H, W)``, a NumPy or zarr array; NaN counts as 0) averaged over ``factor x factor`` blocks,
-    read about ``tile x tile`` source pixels at a time into ``out`` (a new NumPy array when not given; a zarr array
-    keeps a large result on disk): the memory used is that of a few such blocks, whatever the map's size and the
-    factor."""
-    h, w = source.shape[-2:]
-    oh, ow = -(-h // factor), -(-w // factor)
-    out = np.zeros((oh, ow), np.float32) if out is None else out
-    step = max(1, tile // factor)  # output pixels a block
-    for y in range(0, oh, step):
-        for x in range(0, ow, step):
-            block = np.array(source[y * factor : (y + step) * factor, x * factor : (x + step) * factor], np.float32)
-            np.nan_to_num(block, copy=False)
-            bh, bw = -(-block.shape[0] // factor), -(-block.shape[1] // factor)
-            pad = ((0, bh * factor - block.shape[0]), (0, bw * factor - block.shape[1]))
-            sums = np.pad(block, pad).reshape(bh, factor, bw, factor).sum((1, 3))
-            rows = np.minimum(factor, block.shape[0] - factor * np.arange(bh))  # pixels of each output row / col
-            cols = np.minimum(factor, block.shape[1] - factor * np.arange(bw))
-            out[y : y + bh, x : x + bw] = sums / np.outer(rows, cols)
-    return out
+def find_tissue(
+    reader: Any, wsi: Any, path: str | Path, patch_level0: float, min_side: int = 1024, min_saturation: float = 0.07
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The tissue of a slide, found on a low-resolution picture: the smallest level of at least ``min_side`` pixels
+    on its long side (else the largest level), brought down (bilinear) to no finer than 1024 pixels on the long side
+    or 8 pixels a patch side (``patch_level0``: a patch's side in level-0 pixels), whichever is finer: enough to
+    place every patch, and cheap on a slide whose lowest level is large. Returns the ``(h, w, 3)`` picture, its
+    :func:`tissue_mask`, its downsample (level-0 pixels per pixel) and the saturation threshold used."""
+    n = reader.get_level_count(wsi)
+    lowest = next((i for i in reversed(range(n)) if max(reader.get_size(wsi, i)) >= min_side), 0)
+    h, w = reader.get_size(wsi, lowest)
+    if h * w > 2**26:
+        raise DataError(
+            [
+                f"slide {path} has no low-resolution level (its smallest is {w} x {h}): save it as a pyramidal "
+                "tiled TIFF (e.g. vips tiffsave --tile --pyramid) so that the tissue can be found"
+            ]
+        )
+    rgb, _ = reader.get_data(wsi, location=(0, 0), size=(h, w), level=lowest)
+    rgb = np.moveaxis(np.asarray(rgb), 0, -1)[..., :3]
+    downsample = float(reader.get_downsample_ratio(wsi, lowest))
+    wanted = min(max(h, w) * downsample / 1024, patch_level0 / 8)  # level-0 pixels
+    if wanted > downsample * 1.25:
+        from PIL import Image
+
+        factor = wanted / downsample
+        size = (max(1, round(w / factor)), max(1, round(h / factor)))
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.BILINEAR))
+        downsample *= w / size[0]
+    mask, threshold = tissue_mask(rgb, min_saturation)
+    return rgb, mask, downsample, threshold
 
 
-class ZeroMap:
-    """An ``(H, W)`` map of zeros that holds no memory: the map of a slide where nothing ran."""
-
-    def __init__(self, shape: tuple[int, int]) -> None:
-        self.shape = tuple(shape)
-
-    def __getitem__(self, index: tuple) -> np.ndarray:
-        sizes = [len(range(*s.indices(n))) for s, n in zip(index, self.shape)]
-        return np.zeros(sizes, np.float32)
-
-
-#: levels of more pixels than this are computed into zarr arrays on disk when the map itself is on disk
-_IN_MEMORY_PIXELS = 2**24
-
-
-def _levels(source: Any, tile: int, workdir: str | None = None) -> Iterator[Any]:
-    """The map itself, then halvings (2 x 2 means) until a level fits in one tile, each computed from the previous
-    one by tiles. With a ``workdir``, large levels are zarr arrays there, so memory stays bounded on any map."""
-    level = source
-    yield level
-    while max(level.shape[-2:]) > tile:
-        shape = (-(-level.shape[-2] // 2), -(-level.shape[-1] // 2))
-        out = None
-        if workdir is not None and shape[0] * shape[1] > _IN_MEMORY_PIXELS:
-            import zarr
-
-            out = zarr.open_array(
-                os.path.join(workdir, f"level{shape[0]}x{shape[1]}.zarr"),
-                mode="w",
-                shape=shape,
-                chunks=(1024, 1024),
-                dtype="float32",
-            )
-        level = downsample_mean(level, 2, out=out)
-        yield level
-
-
-def _tiles(level: Any, tile: int, scale: float) -> Iterator[np.ndarray]:
-    h, w = level.shape[-2:]
-    for y in range(0, h, tile):
-        for x in range(0, w, tile):
-            block = np.nan_to_num(np.asarray(level[y : y + tile, x : x + tile], dtype=np.float32))
-            out = np.zeros((tile, tile), np.uint8)
-            out[: block.shape[0], : block.shape[1]] = np.clip(np.rint(block * scale), 0, 255).astype(np.uint8)
-            yield out
-
-
-def write_pyramid_tiff(
+def survey_slide(
     path: str | Path,
-    source: Any,
-    tile: int = 256,
+    backend: str = "openslide",
+    level: int | None = 0,
     mpp: float | None = None,
-    scale: float = 255.0,
-    workdir: str | None = None,
-) -> list[tuple[int, int]]:
-    """Write a probability map (``(H, W)`` in [0, 1], NumPy or zarr; NaN = not run = 0) as a pyramidal tiled TIFF:
-    8-bit (``round(p * scale)``), deflate-compressed, 256-pixel tiles, one page per level (the full map, then
-    halvings, marked as reduced-resolution pages), the layout QuPath, ASAP and OpenSlide open. Written tile by tile;
-    with a ``workdir`` (for a map on disk), the large halvings are kept there too. ``mpp``: the map's microns per
-    pixel, written as the pages' resolution. Returns the levels' ``(height, width)``."""
-    import tifffile
-
-    resolution = {}
-    shapes = []
-    with tifffile.TiffWriter(path, bigtiff=source.shape[-2] * source.shape[-1] > 2**31) as tif:
-        for i, level in enumerate(_levels(source, tile, workdir)):
-            h, w = level.shape[-2:]
-            if mpp:
-                pixel = mpp * (source.shape[-1] / w) * 1e-4  # cm
-                resolution = {"resolution": (1 / pixel, 1 / pixel), "resolutionunit": "CENTIMETER"}
-            tif.write(
-                _tiles(level, tile, scale),
-                shape=(h, w),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                compression="zlib",
-                photometric="minisblack",
-                subfiletype=1 if i else 0,
-                metadata=None,
-                **resolution,
-            )
-            shapes.append((h, w))
-    return shapes
+    patch_size: int = 512,
+    min_side: int = 1024,
+    min_saturation: float = 0.07,
+) -> dict:
+    """Open a slide and find what a run over it needs: the ``level`` to run at (:func:`choose_level`), its
+    ``level_downsample`` and ``mpp`` (None when the slide does not say), the slide's ``size_level0`` ``(width,
+    height)``, and :func:`find_tissue`'s ``thumbnail``, ``tissue`` mask, ``saturation`` threshold and
+    ``tissue_downsample`` (for patches of ``patch_size`` pixels of the level run)."""
+    with opened_slide(path, backend) as (reader, wsi):
+        level = choose_level(reader, wsi, path, level, mpp)
+        level_downsample = float(reader.get_downsample_ratio(wsi, level))
+        h0, w0 = reader.get_size(wsi, 0)
+        thumb, tissue, tissue_downsample, saturation = find_tissue(
+            reader, wsi, path, patch_size * level_downsample, min_side, min_saturation
+        )
+        try:
+            level_mpp: float | None = float(np.mean(reader.get_mpp(wsi, level)))
+        except Exception:
+            level_mpp = None
+    return {
+        "level": level,
+        "level_downsample": level_downsample,
+        "mpp": level_mpp,
+        "size_level0": (int(w0), int(h0)),
+        "thumbnail": thumb,
+        "tissue": tissue,
+        "saturation": saturation,
+        "tissue_downsample": tissue_downsample,
+    }
 
 
 def write_rgb_pyramid(path: str | Path, rgb: np.ndarray, tile: int = 256, mpp: float | None = 0.5) -> list:
@@ -288,63 +335,3 @@ def write_rgb_pyramid(path: str | Path, rgb: np.ndarray, tile: int = 256, mpp: f
             h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
             level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)).round().astype(np.uint8)
             factor *= 2
-
-
-def _ring_area(ring: np.ndarray) -> float:
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-
-
-def mask_to_geojson(
-    mask: np.ndarray,
-    downsample: float,
-    name: str = "region",
-    min_area: float = 0.0,
-    tolerance: float = 0.5,
-    properties: dict | None = None,
-) -> dict:
-    """The regions of a binary ``(H, W)`` mask as a GeoJSON ``FeatureCollection`` of polygons (with holes) in level-0
-    pixel coordinates (x right, y down; a mask pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)`` times
-    ``downsample``), as QuPath imports them (``objectType: annotation``, classification ``name``). Exteriors run
-    counter-clockwise and holes clockwise in these coordinates; rings are simplified within ``tolerance`` mask pixels.
-    Regions smaller than ``min_area`` level-0 pixels are left out."""
-    from skimage.measure import approximate_polygon, find_contours, label, regionprops
-
-    features = []
-    # edge-connected regions, as find_contours traces them (two regions touching at a corner are two polygons)
-    labels = label(np.asarray(mask, bool), connectivity=1)
-    for region in regionprops(labels):
-        r0, c0, r1, c1 = region.bbox
-        component = np.pad(labels[r0:r1, c0:c1] == region.label, 1)
-        rings = []
-        for contour in find_contours(component.astype(np.float32), 0.5):
-            contour = approximate_polygon(contour, tolerance) if tolerance else contour
-            # (row, col) at pixel centres -> (x, y) pixel edges, level 0
-            xy = np.stack([contour[:, 1] - 1 + c0 + 0.5, contour[:, 0] - 1 + r0 + 0.5], 1) * downsample
-            if len(xy) >= 4 and abs(_ring_area(xy)) > 0:
-                rings.append(xy)
-        if not rings:
-            continue
-        rings.sort(key=lambda r: -abs(_ring_area(r)))
-        exterior, holes = rings[0], rings[1:]
-        if abs(_ring_area(exterior)) < min_area:
-            continue
-        exterior = exterior if _ring_area(exterior) > 0 else exterior[::-1]
-        holes = [h if _ring_area(h) < 0 else h[::-1] for h in holes]
-        coordinates = [np.round(r, 2).tolist() for r in [exterior, *holes]]
-        for ring in coordinates:
-            if ring[0] != ring[-1]:
-                ring.append(ring[0])
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": coordinates},
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": name, "color": [0, 166, 166]},
-                    "area_px": round(abs(_ring_area(exterior)) - sum(abs(_ring_area(h)) for h in holes), 1),
-                    **(properties or {}),
-                },
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}

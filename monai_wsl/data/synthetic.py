@@ -12,10 +12,11 @@ the region that decides the label.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from monai_wsl.utils import atomic_write
 
 __all__ = [
     "synthetic_histology_sample",
@@ -64,16 +65,9 @@ def _paint(image: np.ndarray, where: np.ndarray, color: np.ndarray, opacity: flo
     image[where] = (1 - opacity) * image[where] + opacity * color
 
 
-def synthetic_histology_sample(
-    label: int, size: tuple[int, int] = (128, 128), rng: np.random.Generator | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """One image ``(H, W, 3)`` uint8 and its gland mask ``(H, W)`` uint8 (0 / 1) for class ``label`` (0 or 1)."""
-    if label not in (0, 1):
-        raise ValueError(f"label must be 0 (benign) or 1 (malignant), got {label}.")
-    rng = rng if rng is not None else np.random.default_rng()
+def _stroma(rng: np.random.Generator, size: tuple[int, int], scale: float) -> np.ndarray:
+    """The float ``(H, W, 3)`` background of a synthetic image, with the same statistics in both classes."""
     h, w = size
-    scale = min(h, w) / 128.0
-    # Stroma: the same statistics in both classes.
     shade = _smooth_noise(rng, size, max(4, int(16 * scale)))[..., None]
     image = _STROMA + (shade - 0.5) * 40.0 + rng.normal(0, 6, (h, w, 3))
     n_scattered = int(60 * scale * scale)
@@ -93,7 +87,19 @@ def synthetic_histology_sample(
     for _ in range(int(rng.integers(1, 4))):
         r = rng.uniform(3, 7) * scale
         _paint(image, _disks(size, rng.uniform([0, 0], [h, w], (1, 2)), np.array([r])), _LUMEN * 0.97, 0.8)
+    return image
 
+
+def synthetic_histology_sample(
+    label: int, size: tuple[int, int] = (128, 128), rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image ``(H, W, 3)`` uint8 and its gland mask ``(H, W)`` uint8 (0 / 1) for class ``label`` (0 or 1)."""
+    if label not in (0, 1):
+        raise ValueError(f"label must be 0 (benign) or 1 (malignant), got {label}.")
+    rng = rng if rng is not None else np.random.default_rng()
+    h, w = size
+    scale = min(h, w) / 128.0
+    image = _stroma(rng, size, scale)
     # Glands: on a jittered 2 x 2 grid, each cell holding one with probability 0.85 (about 40 % of the image is
     # gland, as in GlaS); at least one per image.
     mask = np.zeros(size, dtype=bool)
@@ -268,13 +274,8 @@ def write_synthetic_slide(
             image, glands = synthetic_histology_sample(int(malignant), (tile, tile), rng)
             rgb[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = image
             mask[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = glands
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:  # the mask first, the slide renamed into place last: a slide file is always complete and has its mask
-        levels = write_rgb_pyramid(partial, rgb, mpp=mpp)
+    with atomic_write(path) as (partial,):  # the mask first, the slide renamed into place last: a slide file is
+        levels = write_rgb_pyramid(partial, rgb, mpp=mpp)  # always complete and has its mask
         lh, lw = levels[-1]
         Image.fromarray(mask * 255).resize((lw, lh), Image.NEAREST).save(anno)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,8 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from monai_wsl.utils import atomic_write
 
 __all__ = [
     "ResumableCheckpointSaver",
@@ -90,27 +90,13 @@ class AtomicDiskSaver(DiskSaver):
         self._to_remove = []
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Any) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=self.dirname)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                func(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-            mode = 0o666 & ~_umask()
-            os.chmod(tmp, mode | stat.S_IRUSR | stat.S_IWUSR)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as (tmp,), open(tmp, "wb") as f:
+            func(checkpoint, f, **self.kwargs)
+            f.flush()
+            os.fsync(f.fileno())
 
     def remove(self, filename: str) -> None:
         self._to_remove.append(self.filename or filename)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class ResumableCheckpointSaver(CheckpointSaver):

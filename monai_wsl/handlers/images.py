@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 
 from monai_wsl.visualize import mask_overlay_panels, overlay_grid, to_uint8
 
-__all__ = ["TensorBoardOverlayHandler", "OverlaySaver", "decollated_items"]
+__all__ = ["TensorBoardOverlayHandler", "OverlaySaver", "decollated_items", "item_filename"]
 
 
 def decollated_items(engine: Engine) -> list[dict[str, Any]]:
@@ -23,7 +23,8 @@ def decollated_items(engine: Engine) -> list[dict[str, Any]]:
     return [{**b, **o} for b, o in zip(batch, outputs)]
 
 
-def _filename(item: dict[str, Any], key: str, fallback: str) -> str:
+def item_filename(item: dict[str, Any], key: str, fallback: str) -> str:
+    """The file ``item[key]`` was loaded from (its meta data's ``filename_or_obj``), else ``fallback``."""
     meta = getattr(item.get(key), "meta", None) or item.get(f"{key}_meta_dict") or {}
     name = meta.get("filename_or_obj")
     return str(name) if name else fallback
@@ -139,7 +140,7 @@ class OverlaySaver:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for i, item in enumerate(decollated_items(engine)):
             panels = item_panels(self, item)
-            stem = Path(_filename(item, self.image_key, f"image_{engine.state.iteration}_{i}")).name.split(".")[0]
+            stem = Path(item_filename(item, self.image_key, f"image_{engine.state.iteration}_{i}")).name.split(".")[0]
             truth = bool(self.label_key) and item.get(self.label_key) is not None
             picture = overlay_grid([panels], truth=truth)  # with the key to the colours
             Image.fromarray(to_uint8(picture)).save(self.output_dir / f"{stem}_overlay.png")

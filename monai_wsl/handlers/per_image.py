@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_iou
 
-from .images import _filename, decollated_items
+from monai_wsl.utils import atomic_write
+
+from .images import decollated_items, item_filename
 
 __all__ = ["PerImageCSVWriter"]
 
@@ -115,7 +116,7 @@ class PerImageCSVWriter:
             prob = torch.as_tensor(item[self.prob_key]).detach().cpu().flatten().tolist()
             label = int(torch.as_tensor(item[self.label_key]).flatten()[0])
             predicted = int(torch.tensor(prob).argmax())
-            name = _filename(item, self.image_key, f"image_{engine.state.iteration}_{i}")
+            name = item_filename(item, self.image_key, f"image_{engine.state.iteration}_{i}")
             self._writer.writerow(
                 [name, label, predicted, *(f"{p:.6f}" for p in prob), f"{float(gt.float().mean()):.6f}"]
                 + [f"{v:.6f}" if not math.isnan(v) else "nan" for v in scores.values()]
@@ -141,13 +142,11 @@ class PerImageCSVWriter:
     def _finish(self, engine: Engine) -> None:
         self._close()
         summary = self.summary()
-        partial = self.output_dir / ".summary.csv.partial"
-        with open(partial, "w", newline="") as f:
+        with atomic_write(self.output_dir / "summary.csv") as (tmp,), open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["score", "mean", "images", "left_out", "left_out_because"])
             for k, v in summary.items():
                 writer.writerow([k, f"{v['mean']:.6f}", v["images"], v["left_out"], SCORES.get(k, "")])
-        os.replace(partial, self.output_dir / "summary.csv")
         lines = [
             f"{k}: {v['mean']:.4f} over {v['images']} image(s)"
             + (f" ({v['left_out']} left out: {SCORES[k]})" if v["left_out"] else "")

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, str2bool
 
+from monai_wsl.networks.conversions import unwrap
 from monai_wsl.networks.nets.base import MaskOutput
-from monai_wsl.networks.utils import as_plain_tensor, normalized_map, spatial_flips, unwrap, upsample
+from monai_wsl.networks.utils import as_plain_tensor, normalized_map, spatial_flips, upsample
 from monai_wsl.transforms.augment import ResizeShortSide
 
 __all__ = ["WSLInferer", "GradCAMInferer", "CAM_METHODS"]

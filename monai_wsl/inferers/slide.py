@@ -1,159 +1,34 @@
 """Run a trained localizer over whole slides: MONAI's ``PatchInferer`` over the tissue of a slide, read patch by patch
-through ``WSIReader``, merged by ``AvgMerger`` (or ``ZarrAvgMerger`` on disk when the map would not fit in memory),
-and the map handed on as files viewers open."""
+through ``WSIReader`` (:class:`~monai_wsl.inferers.splitter.TissueWSISplitter`), merged by ``AvgMerger`` (or
+``ZarrAvgMerger`` on disk when the map would not fit in memory), and the map handed on as files viewers open
+(:mod:`monai_wsl.data.slide_outputs`)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import AvgMerger, PatchInferer, SlidingWindowSplitter, WSISlidingWindowSplitter, ZarrAvgMerger
+from monai.inferers import AvgMerger, PatchInferer, SlidingWindowSplitter
 from monai.transforms import ScaleIntensityRange
 
-from monai_wsl.data.check import DataError, _warn_if_synthetic, _writable_problem
-from monai_wsl.data.slides import (
-    ZeroMap,
-    choose_level,
-    downsample_mean,
-    mask_to_geojson,
-    open_slide,
-    tissue_mask,
-    write_pyramid_tiff,
-)
+from monai_wsl.data.check import DataError, warn_if_synthetic
+from monai_wsl.data.slide_outputs import SlideWriter, class_summary, run_summary
+from monai_wsl.data.slides import ArrayPlane, ZeroMap, read_region, slide_problems, survey_slide
+
+from .splitter import TissueWSISplitter, choose_merger
 
 __all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy"]
 
 logger = logging.getLogger(__name__)
-
-
-class TissueWSISplitter(WSISlidingWindowSplitter):
-    """MONAI's ``WSISlidingWindowSplitter`` that decides from the location, before reading, whether a patch is run:
-    only patches with at least ``min_tissue`` of their area on tissue are read and yielded, so background costs
-    neither a read nor a forward pass. Pixels of border patches beyond the slide are set to white (glass), not to
-    the black a reader returns there.
-
-    Args:
-        patch_size, overlap: as ``WSISlidingWindowSplitter``.
-        tissue: ``(h, w)`` bool tissue mask of the slide at ``tissue_downsample`` (level-0 pixels per mask pixel);
-            ``None`` runs every patch.
-        tissue_downsample: see ``tissue``.
-        level_downsample: level-0 pixels per pixel of the level run.
-        min_tissue: the fraction of a patch that must be tissue.
-        num_workers: threads that read patches ahead of the network, in order (at most ``4 x num_workers`` patches
-            ahead, so memory stays bounded); 0 reads each patch when it is asked for. OpenSlide and cuCIM read
-            regions without holding Python's lock, so on a GPU, where reading is the slow part, threads keep the
-            network fed.
-        reader, reader_kwargs: as ``WSISlidingWindowSplitter`` (``level`` among the kwargs).
-    """
-
-    def __init__(
-        self,
-        patch_size: int | Sequence[int],
-        overlap: float | int = 0.0,
-        tissue: np.ndarray | None = None,
-        tissue_downsample: float = 1.0,
-        level_downsample: float = 1.0,
-        min_tissue: float = 0.05,
-        num_workers: int = 0,
-        reader: Any = "OpenSlide",
-        **reader_kwargs: Any,
-    ) -> None:
-        super().__init__(patch_size=patch_size, overlap=overlap, reader=reader, **reader_kwargs)
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be 0 or more, not {num_workers}.")
-        self.num_workers = int(num_workers)
-        self.tissue = tissue
-        self.tissue_downsample = float(tissue_downsample)
-        self.level_downsample = float(level_downsample)
-        self.min_tissue = float(min_tissue)
-
-    def _grid(self, inputs: Any) -> tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]:
-        from monai.data.utils import iter_patch_position
-
-        shape = tuple(self.get_input_shape(inputs))
-        patch_size, overlap, offset = self._get_valid_shape_parameters(shape)
-        pad_size, _ = self._calculate_pad_size(shape, 2, patch_size, offset, overlap)
-        padded = tuple(s + p for s, p in zip(shape, pad_size[::2]))
-        positions = [tuple(int(v) for v in loc) for loc in iter_patch_position(padded, patch_size, offset, overlap)]
-        return shape, tuple(patch_size), positions
-
-    def tissue_fraction(self, location: Sequence[int], patch_size: Sequence[int]) -> float:
-        """The fraction of the patch at ``location`` (pixels of the level run, ``(row, col)``) that is tissue."""
-        if self.tissue is None:
-            return 1.0
-        scale = self.level_downsample / self.tissue_downsample
-        (y, x), (ph, pw) = location, patch_size
-        y0, x0 = int(np.floor(y * scale)), int(np.floor(x * scale))
-        y1, x1 = max(int(np.ceil((y + ph) * scale)), y0 + 1), max(int(np.ceil((x + pw) * scale)), x0 + 1)
-        window = self.tissue[max(y0, 0) : y1, max(x0, 0) : x1]
-        return float(window.sum()) / ((y1 - y0) * (x1 - x0))
-
-    def plan(self, inputs: Any) -> dict:
-        """The grid a slide is split into: ``shape`` (of the level run), ``positions`` (all), ``tissue_positions``
-        (those that are run)."""
-        shape, patch_size, positions = self._grid(inputs)
-        kept = [p for p in positions if self.tissue_fraction(p, patch_size) >= self.min_tissue]
-        return {"shape": shape, "patch_size": patch_size, "positions": positions, "tissue_positions": kept}
-
-    def __call__(self, inputs: Any) -> Iterable[tuple[torch.Tensor, Sequence[int]]]:
-        if not isinstance(inputs, str) and isinstance(inputs, Sequence):
-            inputs = inputs[0]
-        wsi = self.reader.read(str(inputs))
-        plan = self.plan(inputs)
-        (h, w), patch_size = plan["shape"], plan["patch_size"]
-
-        def read(location: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-            level0 = tuple(round(v * self.level_downsample) for v in location)
-            patch, _ = self.reader.get_data(wsi=wsi, location=level0, size=patch_size)
-            patch = torch.tensor(np.asarray(patch))[None]
-            over_h, over_w = location[0] + patch_size[0] - h, location[1] + patch_size[1] - w
-            if over_h > 0 or over_w > 0:
-                if over_h > 0:
-                    patch[..., patch_size[0] - over_h :, :] = 255
-                if over_w > 0:
-                    patch[..., :, patch_size[1] - over_w :] = 255
-            return patch, location
-
-        positions = iter(plan["tissue_positions"])
-        if self.num_workers == 0:
-            yield from map(read, positions)
-            return
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="slide-reader") as pool:
-            ahead = deque(pool.submit(read, p) for p in islice(positions, 4 * self.num_workers))
-            try:
-                while ahead:
-                    patch = ahead.popleft().result()
-                    ahead.extend(pool.submit(read, p) for p in islice(positions, 1))
-                    yield patch
-            finally:  # a consumer that stops early (an error downstream) leaves no reads queued
-                for future in ahead:
-                    future.cancel()
-
-
-class _Plane:
-    """The ``(H, W)`` plane ``channel`` of a ``(1, C, H, W)`` zarr array, read by slices (never the whole array at
-    once)."""
-
-    def __init__(self, array: Any, channel: int = 0) -> None:
-        self.array, self.channel = array, int(channel)
-        self.shape = tuple(array.shape[-2:])
-
-    def __getitem__(self, index: tuple) -> np.ndarray:
-        return np.asarray(self.array[(0, self.channel, *index)])
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -165,22 +40,12 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 class SlideInferer:
     """A weakly-supervised localizer over whole slides. For each slide: a tissue mask from a low-resolution level
     (the smallest of at least ``thumbnail_size`` pixels; Otsu on saturation), MONAI's ``PatchInferer`` over the
-    tissue patches of the chosen level (batched, with an overlap, a progress bar), and four files named after the
-    slide in ``output_dir``:
-
-    - ``<stem>_map.tif``: the mask probability ``M`` (8-bit, ``round(255 M)``) as a pyramidal tiled TIFF;
-    - ``<stem>_thumbnail.png``: the slide and the regions ``M >= threshold`` over it;
-    - ``<stem>.geojson``: the regions ``M >= threshold`` as polygons in level-0 pixels (QuPath imports them);
-    - ``<stem>.json``: the slide, the level and grid used, the patches run, seconds, the slide-level class
-      probabilities and how they were aggregated;
-    - with ``uncertainty``, ``<stem>_uncertainty.tif``: the binary entropy (bits, 8-bit ``round(255 H)``) of each
-      patch's mask averaged over four test-time flips (none, horizontal, vertical, both), merged as the map is (where
-      patches overlap, the mean of their entropies), pyramidal like the map; the map, regions and class
-      probabilities are then those flip averages too.
-
-    Each file is written under a temporary name and renamed when complete, the JSON last: a slide whose JSON exists
-    is done. The same network pass serves a region of a slide (:meth:`infer_region`, as MONAI Label's pathology
-    workflow sends it).
+    tissue patches of the chosen level (batched, with an overlap, a progress bar), and the files
+    :class:`~monai_wsl.data.slide_outputs.SlideWriter` names after the slide in ``output_dir``: the mask probability
+    as a pyramidal TIFF, a thumbnail, the regions as GeoJSON, and a JSON summary, written last (a slide whose JSON
+    exists is done). With ``uncertainty``, each patch's mask is averaged over four test-time flips (none, horizontal,
+    vertical, both) and the binary entropy of that mean, merged as the map is, is written as a map too. The same
+    network pass serves a region of a slide (:meth:`infer_region`, as MONAI Label's pathology workflow sends it).
 
     Args:
         network: a ``WSLNet`` (or ``MaskOutput``) with ``predict(x) -> {"mask", "logits"}``.
@@ -239,26 +104,20 @@ class SlideInferer:
     ) -> None:
         if merger not in ("auto", "memory", "zarr"):
             raise ValueError(f"merger must be 'auto', 'memory' or 'zarr', not {merger!r}.")
-        self.network = network
-        self.output_dir = Path(output_dir)
-        self.patch_size = int(patch_size)
-        self.overlap = overlap
+        self.network, self.output_dir = network, Path(output_dir)
+        self.patch_size, self.overlap = int(patch_size), overlap
         self.level, self.mpp = level, mpp
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.preprocessing = preprocessing or ScaleIntensityRange(0, 255, -1.0, 1.0, clip=True)
-        self.threshold = float(threshold)
+        self.threshold, self.region_name = float(threshold), region_name
         self.min_tissue, self.min_saturation = float(min_tissue), float(min_saturation)
         self.merger, self.max_memory_mb = merger, float(max_memory_mb)
         self.backend = backend
         self.class_names, self.positive_class = list(class_names), int(positive_class)
-        self.region_name = region_name
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.amp = bool(amp) and self.device.type == "cuda"
-        self.checkpoint = checkpoint
-        self.progress = progress
+        self.checkpoint, self.progress, self.uncertainty = checkpoint, progress, bool(uncertainty)
         self.thumbnail_size, self.geojson_max_side = int(thumbnail_size), int(geojson_max_side)
-        self.uncertainty = bool(uncertainty)
         self._probs: list[torch.Tensor] = []
         self._bar: Any = None
         self._checked: list[Path] = []
@@ -267,30 +126,11 @@ class SlideInferer:
     def check(self, slides: Sequence[str | Path]) -> None:
         """Open every slide and check its level, the patch size and the output folder before anything runs; one
         :class:`DataError` lists every problem (each names its file)."""
-        problems = []
-        for slide in slides:
-            try:
-                reader, wsi = open_slide(slide, self.backend)
-                level = choose_level(reader, wsi, slide, self.level, self.mpp)
-                h, w = reader.get_size(wsi, level)
-                if min(h, w) < self.patch_size:
-                    problems.append(
-                        f"slide {slide}: level {level} is {w} x {h} pixels, smaller than a patch ({self.patch_size}): "
-                        "pass a smaller --patch_size or a finer --level"
-                    )
-            except DataError as e:
-                problems += e.problems
-        if self.patch_size < self.network_min_size():
-            problems.append(f"patch_size {self.patch_size} is under the network's minimum {self.network_min_size()}")
-        writable = _writable_problem(self.output_dir)
-        problems += [writable] if writable else []
-        stems = [Path(s).stem for s in slides]
-        problems += [
-            f"two slides are named {s!r}: their outputs would overwrite each other"
-            for s in sorted({s for s in stems if stems.count(s) > 1})
-        ]
+        problems = slide_problems(
+            slides, self.backend, self.level, self.mpp, self.patch_size, self.network_min_size(), self.output_dir
+        )
         if self.checkpoint is not None:
-            _warn_if_synthetic(self.checkpoint, None, list(slides))
+            warn_if_synthetic(self.checkpoint, None, list(slides))
         if problems:
             error = DataError(problems, "the slides")
             logger.error(str(error))
@@ -344,26 +184,12 @@ class SlideInferer:
         pixels beyond the slide are glass (white). On a region that starts on the slide's patch grid it equals the
         slide's map there. Returns ``{"mask": (H, W) float32, "prob": (K,) float32}`` (the mean of the patches' class
         probabilities), and with ``uncertainty`` ``"uncertainty": (H, W) float32`` (bits)."""
-        reader, wsi = open_slide(slide, self.backend)
-        try:
-            if level is None:
-                level = choose_level(reader, wsi, slide, self.level, self.mpp)
-            else:
-                level = choose_level(reader, wsi, slide, level, None)
-            image, _ = reader.get_data(
-                wsi, location=(int(location[1]), int(location[0])), size=(int(size[1]), int(size[0])), level=level
-            )
-            image = np.array(image)
-            h, w = reader.get_size(wsi, level)
-            downsample = float(reader.get_downsample_ratio(wsi, level))
-        finally:  # one request, one handle: a long-running server closes it at once
-            close = getattr(wsi, "close", None)
-            if close is not None:
-                close()
-        inside_h = max(0, min(int(size[1]), h - round(location[1] / downsample)))
-        inside_w = max(0, min(int(size[0]), w - round(location[0] / downsample)))
-        image[:, inside_h:, :] = 255
-        image[:, :, inside_w:] = 255
+        levels = (self.level, self.mpp) if level is None else (level, None)
+        return self.infer_pixels(read_region(slide, location, size, *levels, backend=self.backend))
+
+    def infer_pixels(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`infer_region` on a region already read (:func:`~monai_wsl.data.read_region`: ``(C, H, W)`` uint8,
+        glass beyond the slide)."""
         image = torch.from_numpy(image)[None]
         self.network.eval()
         probs: list[torch.Tensor] = []  # this call's own (calls from several threads do not mix)
@@ -375,227 +201,80 @@ class SlideInferer:
         return out
 
     # ------------------------------------------------------------------ one slide
-    def _tissue(
-        self, reader: Any, wsi: Any, slide: Path, level_downsample: float
-    ) -> tuple[np.ndarray, np.ndarray, float, float]:
-        # the smallest level of at least `thumbnail_size` pixels on its long side (else the largest level): the
-        # picture for the thumbnail, and where the tissue is found
-        n = reader.get_level_count(wsi)
-        lowest = next((i for i in reversed(range(n)) if max(reader.get_size(wsi, i)) >= self.thumbnail_size), 0)
-        h, w = reader.get_size(wsi, lowest)
-        if h * w > 2**26:
-            raise DataError(
-                [
-                    f"slide {slide} has no low-resolution level (its smallest is {w} x {h}): save it as a pyramidal "
-                    "tiled TIFF (e.g. vips tiffsave --tile --pyramid) so that the tissue can be found"
-                ]
-            )
-        rgb, _ = reader.get_data(wsi, location=(0, 0), size=(h, w), level=lowest)
-        rgb = np.moveaxis(np.asarray(rgb), 0, -1)[..., :3]
-        downsample = float(reader.get_downsample_ratio(wsi, lowest))
-        # no finer than 1024 pixels on the long side or 8 pixels a patch side, whichever is finer: enough to place
-        # every patch, and cheap on a slide whose lowest level is large
-        wanted = min(max(h, w) * downsample / 1024, self.patch_size * level_downsample / 8)  # level-0 pixels
-        if wanted > downsample * 1.25:
-            from PIL import Image
-
-            factor = wanted / downsample
-            size = (max(1, round(w / factor)), max(1, round(h / factor)))
-            rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.BILINEAR))
-            downsample *= w / size[0]
-        mask, threshold = tissue_mask(rgb, self.min_saturation)
-        return rgb, mask, downsample, threshold
-
-    def _merger(self, shape: tuple[int, int], workdir: str) -> tuple[Any, dict]:
-        need_mb = shape[0] * shape[1] * 4 * (1 + 1 + self.uncertainty) / 2**20  # float32 values (1 or 2), counts
-        if self.merger == "memory" or (self.merger == "auto" and need_mb <= self.max_memory_mb):
-            return AvgMerger, {}
-        import zarr
-
-        store_cls = getattr(zarr.storage, "LocalStore", None) or zarr.storage.DirectoryStore  # zarr 3, zarr 2
-        stores = {k: store_cls(os.path.join(workdir, f"{k}.zarr")) for k in ("out", "values", "counts")}
-        chunks = (1, 1, 1024, 1024)
-        return ZarrAvgMerger, {
-            "store": stores["out"],
-            "value_store": stores["values"],
-            "count_store": stores["counts"],
-            "chunks": chunks,
-            "count_dtype": "uint8",
-        }
-
     def prepare(self, slide: str | Path) -> dict:
         """Open a slide and plan its run: the level, its downsample and microns per pixel, the tissue mask (and the
         low-resolution image it was found on) and the :class:`TissueWSISplitter` with its grid."""
         slide = Path(slide)
-        reader, wsi = open_slide(slide, self.backend)
-        level = choose_level(reader, wsi, slide, self.level, self.mpp)
-        level_downsample = float(reader.get_downsample_ratio(wsi, level))
-        h0, w0 = reader.get_size(wsi, 0)
-        thumb, tissue, tissue_downsample, saturation = self._tissue(reader, wsi, slide, level_downsample)
-        try:
-            mpp: float | None = float(np.mean(reader.get_mpp(wsi, level)))
-        except Exception:
-            mpp = None
+        setup = survey_slide(
+            slide, self.backend, self.level, self.mpp, self.patch_size, self.thumbnail_size, self.min_saturation
+        )
         splitter = TissueWSISplitter(
             self.patch_size,
             self.overlap,
-            tissue,
-            tissue_downsample,
-            level_downsample,
+            setup["tissue"],
+            setup.pop("tissue_downsample"),
+            setup["level_downsample"],
             self.min_tissue,
             # tifffile's reader shares one unlocked file handle: threads only where reads are thread-safe
             self.num_workers if self.backend.lower() in ("openslide", "cucim") else 0,
             reader=self.backend,
-            level=level,
+            level=setup["level"],
         )
-        return {
-            "level": level,
-            "level_downsample": level_downsample,
-            "mpp": mpp,
-            "size_level0": (int(w0), int(h0)),
-            "thumbnail": thumb,
-            "tissue": tissue,
-            "saturation": saturation,
-            "splitter": splitter,
-            "plan": splitter.plan(str(slide)),
-        }
+        return {**setup, "splitter": splitter, "plan": splitter.plan(str(slide))}
 
     def __call__(self, slide: str | Path) -> dict:
-        """Run one slide; returns its summary (the content of ``<stem>.json``)."""
-        from tqdm.auto import tqdm
-
+        """Run one slide and write its files (:mod:`monai_wsl.data.slide_outputs`); returns its summary (the content
+        of ``<stem>.json``)."""
         slide = Path(slide)
         start = time.perf_counter()
         setup = self.prepare(slide)
-        splitter, plan, shape = setup["splitter"], setup["plan"], setup["plan"]["shape"]
-        level, level_downsample, mpp = setup["level"], setup["level_downsample"], setup["mpp"]
-        thumb, tissue, saturation = setup["thumbnail"], setup["tissue"], setup["saturation"]
-        w0, h0 = setup["size_level0"]
-        n_run, n_all = len(plan["tissue_positions"]), len(plan["positions"])
-        stem = slide.stem
-        names = [("map", "_map.tif"), ("thumbnail", "_thumbnail.png"), ("geojson", ".geojson"), ("json", ".json")]
-        if self.uncertainty:
-            names.insert(1, ("uncertainty", "_uncertainty.tif"))
-        outputs = {k: self.output_dir / f"{stem}{suffix}" for k, suffix in names}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        workdir = tempfile.mkdtemp(prefix=f".{stem}.", dir=self.output_dir)
-        partial = {k: p.with_name(f".{p.name}.partial") for k, p in outputs.items()}
+        workdir = tempfile.mkdtemp(prefix=f".{slide.stem}.", dir=self.output_dir)
         self.network.eval()
         self._probs = []
         try:
-            if n_run == 0:
-                logger.warning(
-                    f"slide {slide}: no tissue found (saturation threshold {saturation:.3f}, min_tissue "
-                    f"{self.min_tissue}): nothing was run and its map is empty. If the slide has tissue, lower "
-                    "--min_saturation or --min_tissue."
-                )
-                plane: Any = ZeroMap(shape)
-                uncertain: Any = ZeroMap(shape)
-                merger_name = "none"
-            else:
-                merger_cls, kwargs = self._merger(shape, workdir)
-                merger_name = merger_cls.__name__
-                with tqdm(total=n_run, desc=f"{stem}", unit="patch", disable=not self.progress) as self._bar:
-                    with np.errstate(invalid="ignore"):  # 0 / 0 where no patch ran: NaN, written as 0
-                        merged = self._patch_inferer(splitter, merger_cls, **kwargs)(str(slide), self._forward)
-                self._bar = None
-                in_memory = isinstance(merged, torch.Tensor)
-                plane = merged[0, 0].numpy() if in_memory else _Plane(merged)
-                if self.uncertainty:
-                    uncertain = merged[0, 1].numpy() if in_memory else _Plane(merged, 1)
-            levels = write_pyramid_tiff(partial["map"], plane, mpp=mpp, workdir=workdir)
-            if self.uncertainty:
-                write_pyramid_tiff(partial["uncertainty"], uncertain, mpp=mpp, workdir=workdir)
-            factor = max(1, int(np.ceil(max(shape) / self.geojson_max_side)))
-            small = downsample_mean(plane, factor) if factor > 1 else np.nan_to_num(np.asarray(plane[:, :]))
-            geojson = mask_to_geojson(small >= self.threshold, factor * level_downsample, self.region_name)
-            partial["geojson"].write_text(json.dumps(geojson))  # renamed into place below
-            self._thumbnail(partial["thumbnail"], thumb, small)
+            merger_name, plane, uncertain = self._run_patches(slide, setup, workdir)
             probs = torch.cat(self._probs).numpy() if self._probs else np.zeros((0, len(self.class_names)))
-            summary = {
-                "slide": str(slide.absolute()),
-                "size_level0": [int(w0), int(h0)],
-                "level": level,
-                "level_downsample": level_downsample,
-                "mpp": mpp,
-                "patch_size": self.patch_size,
-                "overlap": self.overlap,
-                "stride": self.patch_size
-                - (round(self.patch_size * self.overlap) if isinstance(self.overlap, float) else int(self.overlap)),
-                "patches_total": n_all,
-                "patches_run": n_run,
-                "tissue_fraction": float(tissue.mean()),
-                "tissue_saturation_threshold": saturation,
-                "merger": merger_name,
-                "map": {
-                    "file": outputs["map"].name,
-                    "levels": [list(s) for s in levels],
-                    "scale": 255,
-                    "downsample_level0": level_downsample,
-                },
-                "uncertainty": {
-                    "file": outputs["uncertainty"].name,
-                    "what": "the binary entropy (bits) of each patch's mask averaged over four flips (none, "
-                    "horizontal, vertical, both), merged as the map (the mean where patches overlap); the map, "
-                    "regions and class probabilities are those flip averages",
-                    "scale": 255,
-                }
-                if self.uncertainty
-                else None,
-                "regions": {
-                    "file": outputs["geojson"].name,
-                    "count": len(geojson["features"]),
-                    "threshold": self.threshold,
-                    "downsample_level0": factor * level_downsample,
-                },
-                "class_names": self.class_names,
-                "slide_probability": probs.mean(0).round(6).tolist() if len(probs) else None,
-                "slide_max_probability": float(probs[:, self.positive_class].max()) if len(probs) else None,
-                "aggregation": "slide_probability: the mean over the patches run of each patch's class probabilities; "
-                f"slide_max_probability: the highest {self.class_names[self.positive_class]!r} probability of a patch",
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-            partial["json"].write_text(json.dumps(summary, indent=1))
-            for k in outputs:  # the JSON last: it marks a finished slide
-                os.replace(partial[k], outputs[k])
-            if not self.uncertainty:  # an earlier run's, which this slide's JSON no longer describes
-                (self.output_dir / f"{stem}_uncertainty.tif").unlink(missing_ok=True)
+            run = run_summary(slide, setup, self.patch_size, self.overlap, merger_name)
+            classes = class_summary(probs, self.class_names, self.positive_class)
+            writer = SlideWriter(
+                self.output_dir, self.threshold, self.region_name, self.geojson_max_side, self.thumbnail_size
+            )
+            summary = writer.write(slide.stem, plane, uncertain, setup, (run, classes, start), workdir)
         finally:
             self._bar = None
-            for p in partial.values():
-                p.unlink(missing_ok=True)
             shutil.rmtree(workdir, ignore_errors=True)
         logger.info(
-            f"{slide.name}: {n_run} of {n_all} patches on tissue run in {summary['seconds']} s; "
-            f"{len(geojson['features'])} region(s); files in {self.output_dir.resolve()}"
+            f"{slide.name}: {summary['patches_run']} of {summary['patches_total']} patches on tissue run in "
+            f"{summary['seconds']} s; {summary['regions']['count']} region(s); files in {self.output_dir.resolve()}"
         )
         return summary
 
-    def _thumbnail(self, path: Path, rgb: np.ndarray, prob: np.ndarray) -> None:
-        from PIL import Image
+    def _run_patches(self, slide: Path, setup: dict, workdir: str) -> tuple[str, Any, Any]:
+        """The network over the slide's tissue patches, merged: the merger's name, the map and the uncertainty map
+        (None without ``uncertainty``), each ``(H, W)`` (in memory, or read by slices from disk)."""
+        from tqdm.auto import tqdm
 
-        from monai_wsl.visualize import COLORS, legend
-        from monai_wsl.visualize.overlay import _contour
-
-        image = Image.fromarray(rgb)
-        scale = self.thumbnail_size / max(image.size)
-        if scale < 1:
-            image = image.resize(
-                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
+        plan, shape = setup["plan"], setup["plan"]["shape"]
+        n_run = len(plan["tissue_positions"])
+        if n_run == 0:
+            logger.warning(
+                f"slide {slide}: no tissue found (saturation threshold {setup['saturation']:.3f}, min_tissue "
+                f"{self.min_tissue}): nothing was run and its map is empty. If the slide has tissue, lower "
+                "--min_saturation or --min_tissue."
             )
-        base = np.asarray(image, np.float32) / 255
-        p = np.asarray(Image.fromarray(prob.astype(np.float32)).resize(image.size, Image.BILINEAR))
-        color = np.asarray(COLORS["pred"], np.float32)
-        inside = p >= self.threshold  # the predicted region, tinted as in the bundle's other overlays
-        over = base.copy()
-        over[inside] = 0.55 * base[inside] + 0.45 * color
-        edge = _contour(torch.from_numpy(inside)).numpy()
-        over[edge] = color
-        gap = np.ones((base.shape[0], 4, 3), np.float32)
-        panels = np.concatenate([base, gap, over], 1)
-        key = legend(panels.shape[1], truth=False).permute(1, 2, 0).numpy()
-        out = np.concatenate([panels, key], 0)
-        Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8)).save(path, format="PNG", compress_level=1)
+            return "none", ZeroMap(shape), ZeroMap(shape) if self.uncertainty else None
+        merger_cls, kwargs = choose_merger(shape, 1 + self.uncertainty, self.merger, self.max_memory_mb, workdir)
+        with tqdm(total=n_run, desc=f"{slide.stem}", unit="patch", disable=not self.progress) as self._bar:
+            with np.errstate(invalid="ignore"):  # 0 / 0 where no patch ran: NaN, written as 0
+                merged = self._patch_inferer(setup["splitter"], merger_cls, **kwargs)(str(slide), self._forward)
+        self._bar = None
+        in_memory = isinstance(merged, torch.Tensor)
+        plane = merged[0, 0].numpy() if in_memory else ArrayPlane(merged)
+        uncertain = None
+        if self.uncertainty:
+            uncertain = merged[0, 1].numpy() if in_memory else ArrayPlane(merged, 1)
+        return merger_cls.__name__, plane, uncertain
 
     def run(self, slides: Sequence[str | Path]) -> list[dict]:
         """Check all slides (unless :meth:`check` has just checked these), then run each (see :meth:`__call__`); a

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from .blocks import CAMHead, WildcatHead, WildcatPool, wildcat_pool
+from .blocks import CAMHead, WildcatHead, WildcatPool, soft_mask, wildcat_pool
 from .config import RecordsConfig
+from .conversions import CPUSyncBatchNorm, convert_sync_batchnorm, fold_same_padding, set_padding_mode, unwrap
 from .nets import (
     ENCODERS,
     CAMClassifier,
@@ -12,15 +13,4 @@ from .nets import (
     build_encoder,
     load_encoder_weights,
 )
-from .utils import (
-    CPUSyncBatchNorm,
-    convert_sync_batchnorm,
-    fold_same_padding,
-    minmax_normalize,
-    normalized_map,
-    resize_by,
-    set_padding_mode,
-    soft_mask,
-    unwrap,
-    upsample,
-)
+from .utils import minmax_normalize, normalized_map, resize_by, upsample

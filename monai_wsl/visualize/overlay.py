@@ -8,7 +8,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["display_image", "mask_overlay_panels", "overlay_grid", "legend", "tint", "to_uint8", "COLORS"]
+__all__ = [
+    "display_image",
+    "mask_overlay_panels",
+    "overlay_grid",
+    "legend",
+    "tint",
+    "contour",
+    "slide_thumbnail",
+    "to_uint8",
+    "COLORS",
+]
 
 COLORS = {
     "pred": (0.0, 0.75, 0.85),  # teal: predicted region
@@ -49,7 +59,7 @@ def display_image(
     return x[:3]
 
 
-def _contour(mask: torch.Tensor) -> torch.Tensor:
+def contour(mask: torch.Tensor) -> torch.Tensor:
     """Boundary pixels of a binary ``(H, W)`` mask."""
     m = mask.float()[None, None]
     eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
@@ -98,7 +108,7 @@ def mask_overlay_panels(
     panels = [rgb]
     if gt is not None:
         g = _enlarge(_plane(gt, transpose)[0] > 0, max(zoom, 1))
-        outline = _contour(g)
+        outline = contour(g)
         predicted = tint(predicted, outline, COLORS["contour"], 1.0)
         errors = tint(rgb, p & g, COLORS["tp"], alpha)
         errors = tint(errors, p & ~g, COLORS["fp"], alpha)
@@ -167,3 +177,29 @@ def overlay_grid(rows: Sequence[torch.Tensor], truth: bool | None = True) -> tor
 def to_uint8(rgb: torch.Tensor) -> np.ndarray:
     """``(3, H, W)`` in [0, 1] -> ``(H, W, 3)`` uint8 for PIL."""
     return (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def slide_thumbnail(rgb: np.ndarray, prob: np.ndarray, threshold: float = 0.5, size: int = 1024) -> np.ndarray:
+    """A slide's thumbnail: its low-resolution ``(H, W, 3)`` uint8 picture brought to at most ``size`` pixels on the
+    long side, beside the same with the regions ``prob >= threshold`` over it (``prob``: the map, any size, resized
+    to the picture; tinted and outlined as the bundle's other overlays), the :func:`legend` below. ``(h, w, 3)``
+    uint8."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    scale = size / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    base = np.asarray(image, np.float32) / 255
+    p = np.asarray(Image.fromarray(prob.astype(np.float32)).resize(image.size, Image.BILINEAR))
+    color = np.asarray(COLORS["pred"], np.float32)
+    inside = p >= threshold  # the predicted region, tinted as in the bundle's other overlays
+    over = base.copy()
+    over[inside] = 0.55 * base[inside] + 0.45 * color
+    edge = contour(torch.from_numpy(inside)).numpy()
+    over[edge] = color
+    gap = np.ones((base.shape[0], 4, 3), np.float32)
+    panels = np.concatenate([base, gap, over], 1)
+    key = legend(panels.shape[1], truth=False).permute(1, 2, 0).numpy()
+    out = np.concatenate([panels, key], 0)
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)

@@ -11,8 +11,8 @@ import torch.nn as nn
 from monai.utils import str2bool
 
 from monai_wsl.networks.config import RecordsConfig
+from monai_wsl.networks.conversions import set_padding_mode
 from monai_wsl.networks.nets.encoders import build_encoder
-from monai_wsl.networks.utils import set_padding_mode
 
 __all__ = ["WSLNet", "MaskOutput"]
 

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from monai.utils import str2bool
 
+from monai_wsl.networks.blocks.soft_mask import soft_mask
 from monai_wsl.networks.blocks.wildcat import WildcatHead
 from monai_wsl.networks.nets.base import WSLNet
-from monai_wsl.networks.utils import as_plain_tensor, resize_by, soft_mask
+from monai_wsl.networks.utils import as_plain_tensor, resize_by
 
 __all__ = ["MaxMinUncertaintyNet", "MaxMinNet", "maxminnet"]
 
@@ -22,7 +23,7 @@ class MaxMinUncertaintyNet(WSLNet):
     Max-Min Uncertainty", IEEE TMI 41(3), 2022 (MIDL 2022 short version).
 
     The localizer (encoder + :class:`WildcatHead`) yields class scores ``s`` and class maps ``A``, from which
-    :func:`~monai_wsl.networks.utils.soft_mask` makes ``M``. The classifier (encoder + its own head) classifies
+    :func:`~monai_wsl.networks.blocks.soft_mask` makes ``M``. The classifier (encoder + its own head) classifies
     ``x * M`` and ``x * (1 - M)``, both resized by ``scale_in_cl``, in one batched pass.
 
     Args:

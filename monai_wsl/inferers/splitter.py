@@ -1,0 +1,144 @@
+"""The parts of MONAI's ``PatchInferer`` for a whole slide: a ``WSISlidingWindowSplitter`` restricted to the tissue of
+the slide that reads patches ahead of the network, and the merger that fits the map (in memory or on disk)."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import AvgMerger, WSISlidingWindowSplitter, ZarrAvgMerger
+
+__all__ = ["TissueWSISplitter", "choose_merger"]
+
+
+class TissueWSISplitter(WSISlidingWindowSplitter):
+    """MONAI's ``WSISlidingWindowSplitter`` that decides from the location, before reading, whether a patch is run:
+    only patches with at least ``min_tissue`` of their area on tissue are read and yielded, so background costs
+    neither a read nor a forward pass. Pixels of border patches beyond the slide are set to white (glass), not to
+    the black a reader returns there.
+
+    Args:
+        patch_size, overlap: as ``WSISlidingWindowSplitter``.
+        tissue: ``(h, w)`` bool tissue mask of the slide at ``tissue_downsample`` (level-0 pixels per mask pixel);
+            ``None`` runs every patch.
+        tissue_downsample: see ``tissue``.
+        level_downsample: level-0 pixels per pixel of the level run.
+        min_tissue: the fraction of a patch that must be tissue.
+        num_workers: threads that read patches ahead of the network, in order (at most ``4 x num_workers`` patches
+            ahead, so memory stays bounded); 0 reads each patch when it is asked for. OpenSlide and cuCIM read
+            regions without holding Python's lock, so on a GPU, where reading is the slow part, threads keep the
+            network fed.
+        reader, reader_kwargs: as ``WSISlidingWindowSplitter`` (``level`` among the kwargs).
+    """
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int],
+        overlap: float | int = 0.0,
+        tissue: np.ndarray | None = None,
+        tissue_downsample: float = 1.0,
+        level_downsample: float = 1.0,
+        min_tissue: float = 0.05,
+        num_workers: int = 0,
+        reader: Any = "OpenSlide",
+        **reader_kwargs: Any,
+    ) -> None:
+        super().__init__(patch_size=patch_size, overlap=overlap, reader=reader, **reader_kwargs)
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be 0 or more, not {num_workers}.")
+        self.num_workers = int(num_workers)
+        self.tissue = tissue
+        self.tissue_downsample = float(tissue_downsample)
+        self.level_downsample = float(level_downsample)
+        self.min_tissue = float(min_tissue)
+
+    def _grid(self, inputs: Any) -> tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]:
+        from monai.data.utils import iter_patch_position
+
+        shape = tuple(self.get_input_shape(inputs))
+        patch_size, overlap, offset = self._get_valid_shape_parameters(shape)
+        pad_size, _ = self._calculate_pad_size(shape, 2, patch_size, offset, overlap)
+        padded = tuple(s + p for s, p in zip(shape, pad_size[::2]))
+        positions = [tuple(int(v) for v in loc) for loc in iter_patch_position(padded, patch_size, offset, overlap)]
+        return shape, tuple(patch_size), positions
+
+    def tissue_fraction(self, location: Sequence[int], patch_size: Sequence[int]) -> float:
+        """The fraction of the patch at ``location`` (pixels of the level run, ``(row, col)``) that is tissue."""
+        if self.tissue is None:
+            return 1.0
+        scale = self.level_downsample / self.tissue_downsample
+        (y, x), (ph, pw) = location, patch_size
+        y0, x0 = int(np.floor(y * scale)), int(np.floor(x * scale))
+        y1, x1 = max(int(np.ceil((y + ph) * scale)), y0 + 1), max(int(np.ceil((x + pw) * scale)), x0 + 1)
+        window = self.tissue[max(y0, 0) : y1, max(x0, 0) : x1]
+        return float(window.sum()) / ((y1 - y0) * (x1 - x0))
+
+    def plan(self, inputs: Any) -> dict:
+        """The grid a slide is split into: ``shape`` (of the level run), ``positions`` (all), ``tissue_positions``
+        (those that are run)."""
+        shape, patch_size, positions = self._grid(inputs)
+        kept = [p for p in positions if self.tissue_fraction(p, patch_size) >= self.min_tissue]
+        return {"shape": shape, "patch_size": patch_size, "positions": positions, "tissue_positions": kept}
+
+    def __call__(self, inputs: Any) -> Iterable[tuple[torch.Tensor, Sequence[int]]]:
+        if not isinstance(inputs, str) and isinstance(inputs, Sequence):
+            inputs = inputs[0]
+        wsi = self.reader.read(str(inputs))
+        plan = self.plan(inputs)
+        (h, w), patch_size = plan["shape"], plan["patch_size"]
+
+        def read(location: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+            level0 = tuple(round(v * self.level_downsample) for v in location)
+            patch, _ = self.reader.get_data(wsi=wsi, location=level0, size=patch_size)
+            patch = torch.tensor(np.asarray(patch))[None]
+            over_h, over_w = location[0] + patch_size[0] - h, location[1] + patch_size[1] - w
+            if over_h > 0 or over_w > 0:
+                if over_h > 0:
+                    patch[..., patch_size[0] - over_h :, :] = 255
+                if over_w > 0:
+                    patch[..., :, patch_size[1] - over_w :] = 255
+            return patch, location
+
+        positions = iter(plan["tissue_positions"])
+        if self.num_workers == 0:
+            yield from map(read, positions)
+            return
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="slide-reader") as pool:
+            ahead = deque(pool.submit(read, p) for p in islice(positions, 4 * self.num_workers))
+            try:
+                while ahead:
+                    patch = ahead.popleft().result()
+                    ahead.extend(pool.submit(read, p) for p in islice(positions, 1))
+                    yield patch
+            finally:  # a consumer that stops early (an error downstream) leaves no reads queued
+                for future in ahead:
+                    future.cancel()
+
+
+def choose_merger(
+    shape: tuple[int, int], channels: int = 1, merger: str = "auto", max_memory_mb: float = 2048, workdir: str = "."
+) -> tuple[Any, dict]:
+    """The merger class and its arguments for a ``(channels, *shape)`` map: ``AvgMerger`` with ``"memory"``, or with
+    ``"auto"`` while its buffers (float32 values and counts) fit in ``max_memory_mb``; else ``ZarrAvgMerger`` with its
+    stores in ``workdir`` (1024-pixel chunks, uint8 counts)."""
+    need_mb = shape[0] * shape[1] * 4 * (channels + 1) / 2**20  # float32 values, counts
+    if merger == "memory" or (merger == "auto" and need_mb <= max_memory_mb):
+        return AvgMerger, {}
+    import zarr
+
+    store_cls = getattr(zarr.storage, "LocalStore", None) or zarr.storage.DirectoryStore  # zarr 3, zarr 2
+    stores = {k: store_cls(os.path.join(workdir, f"{k}.zarr")) for k in ("out", "values", "counts")}
+    chunks = (1, 1, 1024, 1024)
+    return ZarrAvgMerger, {
+        "store": stores["out"],
+        "value_store": stores["values"],
+        "count_store": stores["counts"],
+        "chunks": chunks,
+        "count_dtype": "uint8",
+    }
