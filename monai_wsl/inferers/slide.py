@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.inferers import AvgMerger, PatchInferer, SlidingWindowSplitter
 from monai.transforms import ScaleIntensityRange
+from monai.utils import convert_to_tensor
 
 from monai_wsl.data.check import DataError, warn_if_synthetic
 from monai_wsl.data.slide_outputs import SlideWriter, class_summary, run_summary
@@ -148,7 +148,7 @@ class SlideInferer:
         mask averaged over four flips and its binary entropy); its class probabilities are appended to ``probs``
         (default: the slide's, ``self._probs``)."""
         x = self.preprocessing(patches.to(self.device).float())
-        x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+        x = convert_to_tensor(x, track_meta=False)
         flips: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1)) if self.uncertainty else ((),)
         if len(flips) > 1:
             x = torch.cat([x.flip(f) if f else x for f in flips])

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.utils import LossReduction, str2bool
+from monai.utils import LossReduction, convert_to_tensor, str2bool
 from torch.nn.modules.loss import _Loss
 
 from monai_wsl.losses.barrier import ExtendedLogBarrier
@@ -18,7 +18,7 @@ __all__ = ["MaxMinUncertaintyLoss", "MaxMinLoss", "as_class_labels"]
 def as_class_labels(target: torch.Tensor, num_classes: int, batch_size: int) -> torch.Tensor:
     """Image-level labels ``(B,)`` or ``(B, 1)`` (integer-valued) -> ``(B,)`` long, checked to lie in
     ``[0, num_classes)``."""
-    target = target.as_tensor() if hasattr(target, "as_tensor") else torch.as_tensor(target)
+    target = convert_to_tensor(target, track_meta=False, wrap_sequence=True)
     if target.ndim == 2 and target.shape[1] == 1:
         target = target[:, 0]
     if target.ndim != 1 or target.shape[0] != batch_size:
@@ -97,7 +97,7 @@ class MaxMinUncertaintyLoss(_Loss):
             got = sorted(input) if isinstance(input, Mapping) else type(input).__name__
             raise ValueError(f"expected the network's dict output with keys {self.KEYS}, got {got}.")
         # Plain tensors: a MetaTensor batch's per-image meta data would not survive the flattening below.
-        logits, mask = (x.as_tensor() if hasattr(x, "as_tensor") else x for x in (input["logits"], input["mask"]))
+        logits, mask = (convert_to_tensor(x, track_meta=False) for x in (input["logits"], input["mask"]))
         if logits.ndim != 2:
             raise ValueError(f"expected logits of shape (B, K), got {tuple(logits.shape)}.")
         batch, num_classes = logits.shape

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from monai.metrics import CumulativeIterationMetric
-from monai.utils import evenly_divisible_all_gather
+from monai.utils import convert_to_tensor, evenly_divisible_all_gather
 
 __all__ = ["compute_pxap", "PixelAPMetric", "pxap_histograms", "binned_average_precision"]
 
@@ -16,7 +16,7 @@ def check_mask(mask: torch.Tensor, name: str, binary: bool = False) -> torch.Ten
     """Validate a map ``(B, 1, *spatial)`` (or ``(B, 2, *spatial)`` ``[background, foreground]``, whose
     foreground channel is used) with values in [0, 1] (``{0, 1}`` when ``binary``); returns ``(B, 1, *spatial)``."""
     # Plain tensors: MONAI's per-image meta data does not survive the flattening done here.
-    mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
+    mask = convert_to_tensor(mask, track_meta=False, wrap_sequence=True)
     if mask.ndim < 3 or mask.shape[1] not in (1, 2):
         raise ValueError(f"{name} must have shape (B, 1, *spatial), got {tuple(mask.shape)}.")
     if mask.shape[1] == 2:

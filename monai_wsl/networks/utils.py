@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.utils import convert_to_tensor
 
 from .conversions import CPUSyncBatchNorm, convert_sync_batchnorm, fold_same_padding, set_padding_mode, unwrap
 
@@ -33,8 +34,9 @@ _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 def as_plain_tensor(x: torch.Tensor) -> torch.Tensor:
-    """``x`` without MONAI's meta data (a ``MetaTensor`` viewed as a plain tensor; anything else unchanged)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
+    """``x`` without MONAI's meta data (a ``MetaTensor`` viewed as a plain tensor, an array as a tensor): MONAI's
+    ``convert_to_tensor(x, track_meta=False)``."""
+    return convert_to_tensor(x, track_meta=False)
 
 
 def upsample(maps: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
