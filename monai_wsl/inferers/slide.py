@@ -24,6 +24,7 @@ from monai_wsl.data.check import DataError, warn_if_synthetic
 from monai_wsl.data.slide_outputs import SlideWriter, class_summary, run_summary
 from monai_wsl.data.slides import ArrayPlane, ZeroMap, read_region, slide_problems, survey_slide
 
+from .backends import OnnxNetwork, with_backend
 from .splitter import TissueWSISplitter, choose_merger
 
 __all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy"]
@@ -72,6 +73,9 @@ class SlideInferer:
         progress: show a progress bar over the patches.
         uncertainty: average the network over four flips of each batch and write ``<stem>_uncertainty.tif`` (four
             forward passes per patch).
+        inference_backend: what runs the network (:func:`~monai_wsl.inferers.backends.with_backend`): ``"torch"``
+            (eager PyTorch), ``"onnxruntime"`` (its export, on the CPU, written beside ``checkpoint``) or ``"auto"``
+            (ONNX Runtime on a CPU when it is installed, PyTorch on GPUs).
     """
 
     def __init__(
@@ -101,10 +105,11 @@ class SlideInferer:
         thumbnail_size: int = 1024,
         geojson_max_side: int = 4096,
         uncertainty: bool = False,
+        inference_backend: str = "torch",
     ) -> None:
         if merger not in ("auto", "memory", "zarr"):
             raise ValueError(f"merger must be 'auto', 'memory' or 'zarr', not {merger!r}.")
-        self.network, self.output_dir = network, Path(output_dir)
+        self.output_dir = Path(output_dir)
         self.patch_size, self.overlap = int(patch_size), overlap
         self.level, self.mpp = level, mpp
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -115,6 +120,8 @@ class SlideInferer:
         self.backend = backend
         self.class_names, self.positive_class = list(class_names), int(positive_class)
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
+        self.network = with_backend(network, inference_backend, self.device, checkpoint)
+        self.inference_backend = "onnxruntime" if isinstance(self.network, OnnxNetwork) else "torch"
         self.amp = bool(amp) and self.device.type == "cuda"
         self.checkpoint, self.progress, self.uncertainty = checkpoint, progress, bool(uncertainty)
         self.thumbnail_size, self.geojson_max_side = int(thumbnail_size), int(geojson_max_side)
@@ -125,7 +132,8 @@ class SlideInferer:
     # ------------------------------------------------------------------ checks
     def check(self, slides: Sequence[str | Path]) -> None:
         """Open every slide and check its level, the patch size and the output folder before anything runs; one
-        :class:`DataError` lists every problem (each names its file)."""
+        :class:`DataError` lists every problem (each names its file). With ONNX Runtime, the export for the patch
+        size is then checked (or made) too, so that it is not timed with the first slide."""
         problems = slide_problems(
             slides, self.backend, self.level, self.mpp, self.patch_size, self.network_min_size(), self.output_dir
         )
@@ -135,8 +143,15 @@ class SlideInferer:
             error = DataError(problems, "the slides")
             logger.error(str(error))
             raise error
+        if isinstance(self.network, OnnxNetwork):
+            self.network.session((self.patch_size, self.patch_size))
         self._checked = [Path(s) for s in slides]
-        logger.info("checked %d slide(s); outputs go to %s", len(slides), self.output_dir.resolve())
+        logger.info(
+            "checked %d slide(s); the network runs on %s; outputs go to %s",
+            len(slides),
+            self.inference_backend,
+            self.output_dir.resolve(),
+        )
 
     def network_min_size(self) -> int:
         return int(getattr(self.network, "min_spatial_size", 1))
