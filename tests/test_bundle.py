@@ -32,6 +32,10 @@ SMALL = {
 }
 
 
+#: eager PyTorch whatever the machine (the default, "auto", runs ONNX Runtime on CPUs where it is installed)
+TORCH = {"inference_backend": "torch"}
+
+
 def small_data(folder: Path, seed: int = 0) -> str:
     """A synthetic set of 8 training and 4 validation images of 96 x 96; returns the folder holding its datalist."""
     return str(write_synthetic_histology(folder, num_train=8, num_valid=4, size=(96, 96), seed=seed).parent)
@@ -167,6 +171,23 @@ def test_inference_writes_masks_and_class_csv(trained, tmp_path):
         mask = np.array(Image.open(tmp_path / f"{image.stem}_mask.png"))
         assert mask.shape == np.array(Image.open(image)).shape[:2] and set(np.unique(mask)) <= {0, 255}
     assert wf.evaluator.state.iteration == len(images)
+    # the backend: "auto" runs ONNX Runtime on a CPU where it is installed (its export beside the model); eager
+    # PyTorch gives the same classes and masks (a pixel may flip where M is within about 1e-5 of the threshold)
+    from monai_wsl.inferers.backends import onnxruntime_available
+
+    on_ort = onnxruntime_available() and not torch.cuda.is_available()
+    backend = wf.parser.get_parsed_content("backend_network")
+    assert (type(backend).__name__ == "OnnxNetwork") == on_ort == bool(list((root / "models").glob("model.*.onnx")))
+    eager = tmp_path / "eager"
+    run(workflow(root, ("inference.json",), "infer", dataset_dir=str(data), output_dir=str(eager), **TORCH))
+    eager_rows = read_csv_rows(eager / "predictions.csv")
+    assert [r[0] for r in eager_rows] == [r[0] for r in rows]
+    assert np.abs(np.array([r[1:] for r in eager_rows], float) - np.array([r[1:] for r in rows], float)).max() < 1e-4
+    a, b = (
+        np.concatenate([np.array(Image.open(f / f"{p.stem}_mask.png")).ravel() for p in images])
+        for f in (tmp_path, eager)
+    )
+    assert a.shape == b.shape and (a != b).mean() <= 1e-4 and 0 < (a > 0).mean() < 1
     # NIfTI on request: the same masks, 0 / 1 (NIfTI keeps MONAI's (W, H) axes of a PNG-read image)
     nifti = tmp_path / "nifti"
     run(

@@ -102,6 +102,7 @@ def own_mask(bundle: Path, image: Path, work: Path) -> np.ndarray:
         dataset_dir=str(folder),
         output_dir=str(work / "out"),
         num_workers=0,
+        inference_backend="torch",  # as MONAI Label's BundleInferTask runs network_def: eager PyTorch
         logging_file=False,
     )
     wf.initialize()
@@ -315,6 +316,9 @@ def test_build_slide_inferer_is_the_bundles_wsi_definition(slide_bundle, tmp_pat
         wsi["region_name"],
     )
     assert (inferer.num_workers, inferer.uncertainty) == (2, False)
+    from monai_wsl.inferers.backends import onnxruntime_available
+
+    assert inferer.inference_backend == ("onnxruntime" if onnxruntime_available() else "torch")  # "auto" on a CPU
     overridden = build_slide_inferer(slide_bundle, device="cpu", overrides={"uncertainty": "true", "num_workers": 0})
     assert (overridden.num_workers, overridden.uncertainty) == (0, True)  # as --uncertainty true --num_workers 0
     saved = torch.load(slide_bundle / "models" / "model.pt", weights_only=True)
