@@ -23,6 +23,16 @@ read through OpenSlide, merging, the map's files) against the network's forward 
 already in memory, in the same process; patches per second of each, their ratio and the peak memory.
 
     OMP_NUM_THREADS=2 python scripts/benchmark.py --wsi SLIDE --size 512 --batch 8 [--checkpoint model.pt]
+
+``--inference-backend torch,onnxruntime`` runs the whole-slide path and the forward pass on each backend, alternated
+(``monai_wsl.inferers.backends``; the export is made before the timing).
+
+``--backends``: the network alone on one batch of ``--batch`` x 3 x ``--size`` x ``--size``, eager PyTorch (also in
+channels-last) against its ONNX export run by ONNX Runtime and, where installed, OpenVINO (f32): patches per second
+of the mask alone (``segment``, what ``MaskOutput`` gives) and of the mask and the class (``predict``, what the
+slide path runs), and each backend's largest difference from eager PyTorch.
+
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --backends --size 512 --batch 8 [--checkpoint model.pt] [--images DIR]
 """
 
 from __future__ import annotations
@@ -298,42 +308,59 @@ def run_wsi(args) -> dict:
     if args.checkpoint:
         net.load_state_dict(torch.load(args.checkpoint, map_location=dev, weights_only=True))
     out = Path(args.out or tempfile.mkdtemp(prefix="monai_wsl_benchmark_wsi_"))
-    inferer = SlideInferer(
-        net,
-        out,
-        patch_size=args.size,
-        overlap=args.overlap,
-        level=args.level,
-        batch_size=args.batch,
-        num_workers=args.num_workers,
-        device=dev,
-        amp=args.amp,
-        progress=False,
-    )
-    setup = inferer.prepare(args.wsi)
+    backends = args.inference_backend.split(",")
+    inferers = {}
+    for backend in backends:
+        inferer = SlideInferer(
+            net,
+            out / backend,
+            patch_size=args.size,
+            overlap=args.overlap,
+            level=args.level,
+            batch_size=args.batch,
+            num_workers=args.num_workers,
+            device=dev,
+            amp=args.amp,
+            progress=False,
+            checkpoint=args.checkpoint,  # the export goes beside it (without one, into a temporary folder)
+            inference_backend=backend,
+        )
+        inferers[inferer.inference_backend] = inferer
+    setup = next(iter(inferers.values())).prepare(args.wsi)
     patches = [p for p, _ in setup["splitter"](str(args.wsi))]  # the same patches, read once, kept in memory
     batches = [torch.cat(patches[i : i + args.batch]) for i in range(0, len(patches), args.batch)]
 
-    def forward_only() -> float:
+    def forward_only(inferer) -> float:
         start = time.perf_counter()
         for batch in batches:
             inferer._forward(batch)
         _sync(dev)
         return time.perf_counter() - start
 
-    def whole_path() -> float:
+    def whole_path(inferer) -> float:
         start = time.perf_counter()
         inferer(args.wsi)
         _sync(dev)
         return time.perf_counter() - start
 
-    forward_only()  # warm-up
-    times: dict[str, list[float]] = {"forward": [], "whole": []}
-    for _ in range(args.repeats):  # alternated, so that a slow phase of the machine hits both
-        times["whole"].append(whole_path())
-        times["forward"].append(forward_only())
+    for inferer in inferers.values():
+        forward_only(inferer)  # warm-up (and the export, for ONNX Runtime)
+    times: dict[str, dict[str, list[float]]] = {b: {"forward": [], "whole": []} for b in inferers}
+    for _ in range(args.repeats):  # alternated, so that a slow phase of the machine hits each
+        for backend, inferer in inferers.items():
+            times[backend]["whole"].append(whole_path(inferer))
+            times[backend]["forward"].append(forward_only(inferer))
     n = len(patches)
-    best = {k: min(v) for k, v in times.items()}
+    rows = {}
+    for backend, t in times.items():
+        best = {k: min(v) for k, v in t.items()}
+        rows[backend] = {
+            "whole_path_s": t["whole"],
+            "forward_only_s": t["forward"],
+            "whole_path_patches_per_s": n / best["whole"],
+            "forward_only_patches_per_s": n / best["forward"],
+            "ratio": best["forward"] / best["whole"],
+        }
     return {
         "device": _device_name(dev),
         "slide": str(args.wsi),
@@ -343,13 +370,98 @@ def run_wsi(args) -> dict:
         "batch": args.batch,
         "patches_run": n,
         "patches_total": len(setup["plan"]["positions"]),
-        "whole_path_s": times["whole"],
-        "forward_only_s": times["forward"],
-        "whole_path_patches_per_s": n / best["whole"],
-        "forward_only_patches_per_s": n / best["forward"],
-        "ratio": best["forward"] / best["whole"],
+        **rows[next(iter(rows))],  # the first backend's figures under the keys of a single-backend run
+        "backends": rows,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _patches(folder: str, n: int, size: int) -> torch.Tensor:
+    """``n`` crops of ``size`` pixels (in [0, 1]) from the images of ``folder``, one a image in turn, at a fixed
+    random place (reflected where an image is smaller)."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp", ".tif"))
+    files = [p for p in files if "anno" not in p.stem]
+    rng = np.random.default_rng(0)
+    crops = []
+    for i in range(n):
+        image = np.asarray(Image.open(files[i % len(files)]).convert("RGB"), np.float32) / 255
+        pad = [(0, max(0, size - image.shape[0])), (0, max(0, size - image.shape[1])), (0, 0)]
+        image = np.pad(image, pad, mode="reflect")
+        y, x = (int(rng.integers(0, image.shape[d] - size + 1)) for d in (0, 1))
+        crops.append(torch.from_numpy(image[y : y + size, x : x + size].transpose(2, 0, 1).copy()))
+    return torch.stack(crops)
+
+
+def run_backends(args) -> dict:
+    """The network alone on one batch: eager PyTorch (contiguous and channels-last), ONNX Runtime and OpenVINO (f32,
+    when installed) on the same export; patches per second of ``segment`` and ``predict``, and the largest
+    difference of each output from eager PyTorch's."""
+    import importlib.util
+
+    import numpy as np
+
+    from monai_wsl.inferers.backends import OnnxNetwork
+    from monai_wsl.networks import MaxMinUncertaintyNet
+
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder=args.encoder, pretrained=True).eval()
+    if args.checkpoint:
+        net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    x = _patches(args.images, args.batch, args.size) if args.images else torch.rand(args.batch, 3, args.size, args.size)
+    x = x * 2 - 1  # the bundle's intensity range
+    ort_net = OnnxNetwork(net)
+    with torch.no_grad():
+        reference = net.predict(x)
+    runners = {"torch": (net.segment, net.predict)}
+    last = MaxMinUncertaintyNet(encoder=args.encoder).eval().to(memory_format=torch.channels_last)
+    last.load_state_dict(net.state_dict())
+    xl = x.contiguous(memory_format=torch.channels_last)
+    runners["torch channels-last"] = (lambda _: last.segment(xl), lambda _: last.predict(xl))
+    runners["onnxruntime"] = (ort_net.segment, ort_net.predict)
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
+        compiled = {}
+        for kind in ("segment", "predict"):
+            ort_net.session(tuple(x.shape[2:]), kind)  # the export, beside the others
+            compiled[kind] = core.compile_model(str(ort_net.export_path(tuple(x.shape[2:]), kind)), "CPU", config)
+
+        def ov_run(kind):
+            def run(x):
+                out = compiled[kind]({"image": x.numpy()})
+                values = [torch.from_numpy(np.asarray(out[o])) for o in compiled[kind].outputs]
+                return values[0] if kind == "segment" else {"mask": values[0], "logits": values[1]}
+
+            return run
+
+        runners["openvino f32"] = (ov_run("segment"), ov_run("predict"))
+    rows: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, (segment, predict) in runners.items():  # warm-up (exports, compilations) and the differences
+            segment(x)
+            got = predict(x)
+            rows[name] = {
+                "mask_max_abs_diff": float((got["mask"] - reference["mask"]).abs().max()),
+                "mask_mean_abs_diff": float((got["mask"] - reference["mask"]).abs().mean()),
+                "logits_max_abs_diff": float((got["logits"] - reference["logits"]).abs().max()),
+                "segment_s": [],
+                "predict_s": [],
+            }
+        for _ in range(args.repeats):  # alternated, so that a slow phase of the machine hits each
+            for name, (segment, predict) in runners.items():
+                for kind, run in (("segment", segment), ("predict", predict)):
+                    start = time.perf_counter()
+                    run(x)
+                    rows[name][f"{kind}_s"].append(time.perf_counter() - start)
+    for row in rows.values():
+        for kind in ("segment", "predict"):
+            row[f"{kind}_patches_per_s"] = args.batch / min(row[f"{kind}_s"])
+    return {"device": _device_name(torch.device("cpu")), "input": list(x.shape), "backends": rows}
 
 
 def main() -> None:
@@ -378,15 +490,33 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="--wsi: a model.pt (default: ImageNet encoder, untrained heads)")
     parser.add_argument("--level", type=int, default=0, help="--wsi: the slide level to run at")
     parser.add_argument("--overlap", type=float, default=0.0, help="--wsi: the patches' overlap (a fraction)")
-    parser.add_argument("--repeats", type=int, default=2, help="--wsi: timed runs of each")
+    parser.add_argument("--repeats", type=int, default=2, help="--wsi, --backends: timed runs of each")
+    parser.add_argument(
+        "--inference-backend",
+        default="torch",
+        help="--wsi: the backend(s), comma-separated: torch, onnxruntime, auto (e.g. torch,onnxruntime)",
+    )
+    parser.add_argument("--backends", action="store_true", help="the network alone on each inference backend")
+    parser.add_argument("--images", help="--backends: crop the batch from the images of this folder (default: noise)")
     args = parser.parse_args()
-    if args.wsi:
+    if args.backends:
+        r = run_backends(args)
+        print(f"device {r['device']}, input {tuple(r['input'])}; patches/s (best of {args.repeats}), max |diff|")
+        for name, row in r["backends"].items():
+            print(
+                f"{name:20s}: segment {row['segment_patches_per_s']:7.2f}  predict {row['predict_patches_per_s']:7.2f}"
+                f"  mask {row['mask_max_abs_diff']:.1e} (mean {row['mask_mean_abs_diff']:.1e})"
+                f"  logits {row['logits_max_abs_diff']:.1e}"
+            )
+    elif args.wsi:
         r = run_wsi(args)
         print(f"device {r['device']}, slide {r['slide']} level {r['level']}, patches {r['patch_size']} px")
         print(f"patches run      : {r['patches_run']} of {r['patches_total']} (the rest is background)")
-        print(f"whole path       : {r['whole_path_patches_per_s']:8.2f} patches/s  {r['whole_path_s']} s")
-        print(f"forward only     : {r['forward_only_patches_per_s']:8.2f} patches/s  {r['forward_only_s']} s")
-        print(f"ratio            : {r['ratio']:8.2f} (whole path / forward only)")
+        for backend, row in r["backends"].items():
+            print(f"[{backend}]")
+            print(f"whole path       : {row['whole_path_patches_per_s']:8.2f} patches/s  {row['whole_path_s']} s")
+            print(f"forward only     : {row['forward_only_patches_per_s']:8.2f} patches/s  {row['forward_only_s']} s")
+            print(f"ratio            : {row['ratio']:8.2f} (whole path / forward only)")
         print(f"peak memory      : {r['peak_rss_mb']:8.0f} MB")
     elif args.recipe:
         out = Path(args.out or tempfile.mkdtemp(prefix="monai_wsl_benchmark_"))

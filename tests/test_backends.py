@@ -13,9 +13,16 @@ import torch
 pytest.importorskip("onnxruntime")  # a dependency of the test extra; skipped only where it is not installed
 onnx = pytest.importorskip("onnx")
 
-from monai_wsl.inferers import OnnxNetwork, SlideInferer, StaleExportError, resolve_backend, with_backend  # noqa: E402
+from monai_wsl.inferers import (  # noqa: E402
+    GradCAMInferer,
+    OnnxNetwork,
+    SlideInferer,
+    StaleExportError,
+    resolve_backend,
+    with_backend,
+)
 from monai_wsl.inferers.backends import export_paths  # noqa: E402
-from monai_wsl.networks import MaskOutput, MaxMinUncertaintyNet  # noqa: E402
+from monai_wsl.networks import CAMClassifier, MaskOutput, MaxMinUncertaintyNet  # noqa: E402
 
 #: the largest difference between ONNX Runtime's outputs and eager PyTorch's allowed here; measured on these networks
 #: and inputs: at most 4.2e-6 in the mask, 3.2e-7 in the logits (EfficientNet-lite0 on 512 x 512 patches: 2.5e-6)
@@ -35,7 +42,7 @@ def _randomize_batch_norm(net: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return net
 
 
-def test_resolve_backend_picks_onnxruntime_on_cpus_and_torch_on_gpus():
+def test_resolve_backend_picks_onnxruntime_on_cpus_and_torch_on_gpus(tmp_path):
     assert resolve_backend("auto", "cpu") == "onnxruntime"
     assert resolve_backend("auto", "cuda:0") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
@@ -47,6 +54,13 @@ def test_resolve_backend_picks_onnxruntime_on_cpus_and_torch_on_gpus():
     assert with_backend(net, "torch") is net
     wrapped = with_backend(net, "auto")
     assert isinstance(wrapped, OnnxNetwork) and with_backend(wrapped, "auto") is wrapped
+    # Grad-CAM differentiates the network: it runs PyTorch's whatever the backend (no export is made)
+    cam = CAMClassifier(encoder="resnet10").eval()
+    x = torch.rand(2, 3, 64, 64)
+    on_ort = OnnxNetwork(MaskOutput(cam), export_dir=tmp_path)
+    with torch.no_grad():
+        assert torch.equal(GradCAMInferer()(x, on_ort)["mask"], GradCAMInferer()(x, MaskOutput(cam))["mask"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_onnx_export_equals_eager_pytorch_with_batch_norm_folded(tmp_path):
@@ -178,3 +192,18 @@ def test_slide_path_on_onnxruntime_gives_the_maps_of_pytorch(tmp_path):
         assert np.abs(region_torch[key] - region_ort[key]).max() <= TOL, key
     for key in ("slide_probability", "slide_max_probability"):
         assert s_torch[key] == pytest.approx(s_ort[key], abs=TOL), key
+
+
+def test_a_volume_network_runs_on_onnxruntime_as_in_pytorch(tmp_path):
+    """The 3D recipe's network (ResNet-10 with group norm, output stride 8): the same masks and logits."""
+    from monai_wsl.networks.nets.encoders import ResNetEncoder
+
+    torch.manual_seed(0)
+    encoder = ResNetEncoder("resnet10", 3, 1, output_stride=8, widen_factor=0.25, norm=("group", {"num_groups": 8}))
+    net = MaxMinUncertaintyNet(spatial_dims=3, in_channels=1, encoder=encoder).eval()
+    x = torch.rand(2, 1, 24, 32, 40) * 2 - 1
+    with torch.no_grad():
+        expected, got = net.predict(x), OnnxNetwork(net, export_dir=tmp_path).predict(x)
+    assert got["mask"].shape == (2, 1, 24, 32, 40) and expected["mask"].std() > 0.01
+    for key in ("mask", "logits"):
+        assert (got[key] - expected[key]).abs().max() <= TOL, key

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, str2bool
 
+from monai_wsl.inferers.backends import OnnxNetwork
 from monai_wsl.networks.conversions import unwrap
 from monai_wsl.networks.nets.base import MaskOutput
 from monai_wsl.networks.utils import as_plain_tensor, normalized_map, spatial_flips, upsample
@@ -94,6 +95,8 @@ class GradCAMInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         net = unwrap(network)
+        if isinstance(net, OnnxNetwork):  # Grad-CAM differentiates the network: PyTorch's, whatever the backend
+            net = net.network
         if isinstance(net, MaskOutput):  # inference.json's view of the network
             net = net.network
         if not (hasattr(net, "encoder") and hasattr(net, "head")):
