@@ -148,6 +148,13 @@ def test_stale_export_is_rebuilt_or_refused_never_used(tmp_path, caplog):
         assert (OnnxNetwork(net, checkpoint=checkpoint).predict(x)["mask"] - second).abs().max() <= TOL
     assert sidecar.is_file()
 
+    # a folder that cannot be written (here a file stands where it should be): the export is used, not kept
+    (tmp_path / "blocked").write_text("")
+    with caplog.at_level(logging.WARNING, logger="monai_wsl.inferers.backends"), torch.no_grad():
+        unkept = OnnxNetwork(net, export_dir=tmp_path / "blocked").predict(x)["mask"]
+    assert (unkept - second).abs().max() <= TOL and "cannot write the ONNX export" in caplog.text
+    assert (tmp_path / "blocked").is_file()
+
 
 def test_slide_path_on_onnxruntime_gives_the_maps_of_pytorch(tmp_path):
     """The whole-slide command's path (tissue, patches, flips for the uncertainty, merging, the 8-bit TIFFs) on a

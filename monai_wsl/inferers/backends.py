@@ -10,13 +10,16 @@ The export (:func:`export_onnx`) is the network's ``predict``: ``image (B, C, H,
 ``logits (B, K)``, traced by PyTorch's TorchScript-based ONNX exporter in evaluation mode, which folds every batch
 norm into its convolution; the batch is dynamic, the spatial size is that of the images it was exported for (the
 WILDCAT pooling's top-k counts and the classifier's resize are sizes of the trace), so a path that meets another
-image size exports once more for it. Each export is written beside the checkpoint, ``<stem>.<H>x<W>.onnx``, with a
-sidecar ``<stem>.<H>x<W>.onnx.json`` that records what it was exported from: a digest of the weights and of the
-network's structure (its ``repr`` and config), the input size, the checkpoint (name, size, modification time,
-sha256), the torch / onnx versions, the opset and the ONNX file's own sha256. An export is used only when its
-sidecar matches the network being run, weights included; any other (stale, damaged, from another model, another
-torch) is rebuilt, with a warning that names the file and why, or, with ``rebuild=False``, refused with an error
-that names the file and the fix.
+image size exports once more for it. ``segment`` (the mask alone, which test-time flips and ``MaskOutput``'s view
+run) has an export of its own, ``<stem>.<H>x<W>.mask.onnx``: ONNX Runtime runs every node of a graph whatever
+outputs are asked for. Each export is written beside the checkpoint, ``<stem>.<H>x<W>.onnx``, with a sidecar
+``<stem>.<H>x<W>.onnx.json`` that records what it was exported from: a digest of the weights and of the network's
+structure (its ``repr`` and config), the input size, the outputs, the checkpoint (path, size, modification time,
+sha256), the model card's ``network_def``, the torch / onnx versions, the opset and the ONNX file's own sha256. An
+export is used only when its sidecar matches the network being run, weights included; any other (stale, damaged,
+from another model, another torch) is rebuilt, with a warning that names the file and why, or, with
+``rebuild=False``, refused with an error that names the file and the fix. The session is made from the bytes that
+were checked (or exported), so a file replaced meanwhile is never run.
 """
 
 from __future__ import annotations
@@ -252,9 +255,27 @@ def export_onnx(
     """Export ``network.predict`` (``kind="segment"``: ``network.segment``) for images of ``spatial_size`` to
     ``path`` and write its sidecar ``path + .json``, both atomically (a reader sees the previous pair or the new
     one). Returns the ONNX bytes and the sidecar."""
+    data, sidecar = _export(network, spatial_size, in_channels, checkpoint, kind)
+    _write(Path(path), data, sidecar)
+    return data, sidecar
+
+
+def _write(path: Path, data: bytes, sidecar: dict) -> None:
+    with atomic_write(path) as (tmp,):
+        tmp.write_bytes(data)
+    write_json_atomic(Path(f"{path}.json"), sidecar)
+
+
+def _export(
+    network: nn.Module,
+    spatial_size: tuple[int, ...],
+    in_channels: int | None = None,
+    checkpoint: str | Path | None = None,
+    kind: str = "predict",
+) -> tuple[bytes, dict]:
+    """The ONNX bytes of ``network.predict`` (or ``segment``) and their sidecar (see :func:`export_onnx`)."""
     if kind not in OUTPUTS:
         raise ValueError(f"kind must be one of {tuple(OUTPUTS)}, got {kind!r}.")
-    path = Path(path)
     in_channels = int(in_channels or getattr(_inner(network), "in_channels", 3))
     key = export_key(network, spatial_size, in_channels, kind)
     data = _export_bytes(network, tuple(spatial_size), in_channels, kind)
@@ -274,9 +295,6 @@ def export_onnx(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    with atomic_write(path) as (tmp,):
-        tmp.write_bytes(data)
-    write_json_atomic(Path(f"{path}.json"), sidecar)
     return data, sidecar
 
 
@@ -335,7 +353,8 @@ class OnnxNetwork(nn.Module):
         checkpoint: the model file: the exports go beside it, named after it, and their sidecars record it.
         export_dir: where the exports go instead (default: beside ``checkpoint``; without one, a temporary folder
             removed when this module is).
-        rebuild: rebuild a missing or stale export (default), or refuse it.
+        rebuild: rebuild a missing or stale export (default), or refuse it. An export that cannot be written (a
+            read-only folder) is used for this run without being kept, with a warning.
         num_threads: ONNX Runtime's threads (default: ``torch.get_num_threads()``, which follows
             ``OMP_NUM_THREADS``).
     """
@@ -416,13 +435,14 @@ class OnnxNetwork(nn.Module):
                 logger.warning(f"{path}: {why}; exporting it again")
             else:
                 logger.info(f"exporting the network for {'x'.join(map(str, spatial_size))} images to {path}")
+            data, sidecar = _export(self.network, spatial_size, self.in_channels, self.checkpoint, kind)
             try:
-                data, _ = export_onnx(self.network, path, spatial_size, self.in_channels, self.checkpoint, kind)
-            except OSError as e:
-                raise StaleExportError(
-                    f"cannot write the ONNX export {path} ({type(e).__name__}: {e}): make its folder writable, or "
-                    "run with inference_backend 'torch'."
-                ) from e
+                _write(path, data, sidecar)
+            except OSError as e:  # a read-only model folder: this run uses the export it has just made, unwritten
+                logger.warning(
+                    f"cannot write the ONNX export {path} ({type(e).__name__}: {e}): this run uses it without "
+                    "keeping it, and the next exports it again; make the folder writable to keep it"
+                )
         import onnxruntime as ort
 
         options = ort.SessionOptions()
