@@ -121,7 +121,7 @@ def test_the_card_records_the_whole_network_definition(trained):
 
 def test_evaluate_builds_the_trained_network_and_its_masks(trained, tmp_path):
     root, own = trained
-    wf = run(workflow(root, ("train.json", "evaluate.json"), output_dir=str(tmp_path)))
+    wf = run(workflow(root, ("train.json", "evaluate.json"), output_dir=str(tmp_path), **TORCH))
     same_network(wf.parser.get_parsed_content("network"), own)  # the weights the evaluation loaded
     dataset = wf.parser.get_parsed_content("validate#dataset")
     assert len(dataset) == 4
