@@ -4,6 +4,7 @@ the network on the same pixels, background skipped, bounded memory, bad input, a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -193,6 +194,21 @@ def test_list_slides_from_a_folder_a_csv_and_a_text_file(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="holds no slide"):
         list_slides(empty)
+
+
+def test_a_folder_named_like_a_slide_or_an_image_is_skipped_with_a_warning(tmp_path, caplog):
+    from monai_wsl.utils import list_images
+
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "b.svs").mkdir()
+    (tmp_path / "c.jpg").write_bytes(b"x")
+    (tmp_path / "d.png").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert list_slides(tmp_path) == [tmp_path / "a.svs"]
+        assert [Path(item["image"]).name for item in list_images(tmp_path)] == ["c.jpg"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("b.svs named like a slide but not a file" in w for w in warnings), warnings
+    assert any("d.png named like an image but not a file" in w for w in warnings), warnings
 
 
 @pytest.fixture(scope="module")
