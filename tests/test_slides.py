@@ -570,9 +570,13 @@ def test_bundle_without_dataset_dir_runs_the_synthetic_slide(tmp_path, net):
         "256",
         "--overlap",
         "0.0",
+        "--shard",
+        "0/1",  # the option as the command line passes it (the one share of one: every slide)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "data" / "synthetic" / "slides" / "synthetic_slide.tif").is_file()
+    table = (tmp_path / "inference" / "slides" / "slides_summary.csv").read_text().splitlines()
+    assert len(table) == 2 and table[1].split(",")[1:4] == ["done", "", "0/1"]
     summary = json.loads((tmp_path / "inference" / "slides" / "synthetic_slide.json").read_text())
     assert summary["level"] == 2 and summary["level_downsample"] == 4 and summary["patches_total"] == 6
     assert 4 <= summary["patches_run"] <= 6  # the oval's corners are glass

@@ -64,10 +64,12 @@ class SlideInferer:
     (the smallest of at least ``thumbnail_size`` pixels; Otsu on saturation), MONAI's ``PatchInferer`` over the
     tissue patches of the chosen level (batched, with an overlap, a progress bar), and the files
     :class:`~monai_wsl.data.slide_outputs.SlideWriter` names after the slide in ``output_dir``: the mask probability
-    as a pyramidal TIFF, a thumbnail, the regions as GeoJSON, and a JSON summary, written last (a slide whose JSON
-    exists is done). With ``uncertainty``, each patch's mask is averaged over four test-time flips (none, horizontal,
-    vertical, both) and the binary entropy of that mean, merged as the map is, is written as a map too. The same
-    network pass serves a region of a slide (:meth:`infer_region`, as MONAI Label's pathology workflow sends it).
+    as a pyramidal TIFF, a thumbnail, the regions as GeoJSON, and a JSON summary, written last (it lists the other
+    files, their sizes and the :meth:`settings`: what makes a slide complete). Over many slides, :meth:`run` takes
+    this process's share (``torchrun`` or ``shard``) and skips complete slides. With ``uncertainty``, each patch's
+    mask is averaged over four test-time flips (none, horizontal, vertical, both) and the binary entropy of that
+    mean, merged as the map is, is written as a map too. The same network pass serves a region of a slide
+    (:meth:`infer_region`, as MONAI Label's pathology workflow sends it).
 
     Args:
         network: a ``WSLNet`` (or ``MaskOutput``) with ``predict(x) -> {"mask", "logits"}``.
@@ -383,6 +385,7 @@ class SlideInferer:
         for i in mine:  # a slide that fails (a damaged tile, a full disk) does not stop the others
             slide, start = slides[i], time.perf_counter()
             record = {"slide": str(slide.absolute()), "shard": shards.label, "tissue_area_estimate_px": weights[i]}
+            self._remove_leftovers(slide.stem)
             problem = "overwrite" if overwrite else slide_outputs_complete(self.output_dir, slide.stem, settings)
             if problem is None:
                 summaries.append(json.loads((self.output_dir / f"{slide.stem}.json").read_text()))
@@ -391,7 +394,6 @@ class SlideInferer:
                 continue
             if (self.output_dir / f"{slide.stem}.json").exists():
                 logger.info(f"{where}{slide.name}: run again: {problem}")
-            self._remove_leftovers(slide.stem)
             try:
                 summaries.append(self(slide))
                 record["status"], record["error"] = "done", None
