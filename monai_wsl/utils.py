@@ -67,11 +67,12 @@ def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str
 
 
 def report_outputs(folder: str | Path, what: str) -> None:
-    """Say where a run's files went: the folder, and what it holds by kind (``*_mask.png (18)``)."""
+    """Say where a run's files went: the folder, and what it holds by kind (``*_mask.png (18)``; hidden files and
+    folders, a run's bookkeeping, left out)."""
     folder = Path(folder).resolve()
     kinds: dict[str, int] = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
             name = p.name if "_" not in p.stem else "*" + p.name[p.name.rfind("_") :]
             key = name if p.parent == folder else f"{p.parent.relative_to(folder)}/{name}"
             kinds[key] = kinds.get(key, 0) + 1
