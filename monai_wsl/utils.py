@@ -42,12 +42,15 @@ def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder: inference reads a folder of images (--dataset_dir FOLDER).")
+    named_like_images = [p for p in sorted(root.iterdir()) if p.name.lower().endswith(IMAGE_SUFFIXES)]
+    skipped = [p.name for p in named_like_images if not p.is_file()]
+    if skipped:
+        logging.getLogger("monai_wsl").warning(
+            f"{root}: {', '.join(skipped)} named like an image but not a file (a folder?): skipped. Inference reads "
+            "the image files directly in the folder given, not in its sub-folders; move them up to run them too."
+        )
     found = [
-        p
-        for p in sorted(root.iterdir())
-        if p.is_file()
-        and p.name.lower().endswith(IMAGE_SUFFIXES)
-        and not (exclude_masks and p.name.split(".")[0].endswith("_anno"))
+        p for p in named_like_images if p.is_file() and not (exclude_masks and p.name.split(".")[0].endswith("_anno"))
     ]
     if not found:
         raise ValueError(f"no image ({', '.join(IMAGE_SUFFIXES)}) in {root}.")
@@ -64,11 +67,12 @@ def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str
 
 
 def report_outputs(folder: str | Path, what: str) -> None:
-    """Say where a run's files went: the folder, and what it holds by kind (``*_mask.png (18)``)."""
+    """Say where a run's files went: the folder, and what it holds by kind (``*_mask.png (18)``; hidden files and
+    folders, a run's bookkeeping, left out)."""
     folder = Path(folder).resolve()
     kinds: dict[str, int] = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
             name = p.name if "_" not in p.stem else "*" + p.name[p.name.rfind("_") :]
             key = name if p.parent == folder else f"{p.parent.relative_to(folder)}/{name}"
             kinds[key] = kinds.get(key, 0) + 1

@@ -286,3 +286,35 @@ def test_overlays_follow_the_configured_threshold(tmp_path):
     board = [h for h in parser.get("validate#handlers") if "OverlayHandler" in str(h)]
     assert parser.get_parsed_content("validate#postprocessing#transforms#2#threshold") == 0.3
     assert len(board) == 1 and board[0]["threshold"] == "@threshold"
+
+
+def _summary_on_rank(rank: int, folder: str) -> None:
+    """One rank of a 2-process gloo group: a TrainingSummary sees a validation, its model file in the rank's folder."""
+    import torch.distributed as dist
+
+    from monai_wsl.handlers import TrainingSummary
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:
+        evaluator = Engine(lambda engine, batch: None)
+        summary = TrainingSummary(evaluator, f"{folder}/rank{rank}/model.pt", f"{folder}/rank{rank}/logs")
+        summary.attach(Engine(lambda engine, batch: None))
+        evaluator.state.metrics = {"val_accuracy": 0.75}
+        summary.validated(evaluator)
+        assert summary.selected["metrics"] == {"val_accuracy": 0.75}  # every rank knows the selection (resume state)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: 30 to 90 s of imports
+def test_only_rank_0_of_a_ddp_run_writes_the_model_card(tmp_path):
+    """Under torchrun every rank runs the same handlers: the model card is written by rank 0 alone (here each rank
+    is given its own folder, so a card written by rank 1 would show)."""
+    import torch.multiprocessing as mp
+
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    mp.spawn(_summary_on_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    assert json.loads((tmp_path / "rank0" / "model_card.json").read_text())["validation"] == {"val_accuracy": 0.75}
+    assert not (tmp_path / "rank1" / "model_card.json").exists()

@@ -4,6 +4,7 @@ the network on the same pixels, background skipped, bounded memory, bad input, a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -195,6 +196,21 @@ def test_list_slides_from_a_folder_a_csv_and_a_text_file(tmp_path):
         list_slides(empty)
 
 
+def test_a_folder_named_like_a_slide_or_an_image_is_skipped_with_a_warning(tmp_path, caplog):
+    from monai_wsl.utils import list_images
+
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "b.svs").mkdir()
+    (tmp_path / "c.jpg").write_bytes(b"x")
+    (tmp_path / "d.png").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert list_slides(tmp_path) == [tmp_path / "a.svs"]
+        assert [Path(item["image"]).name for item in list_images(tmp_path)] == ["c.jpg"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("b.svs named like a slide but not a file" in w for w in warnings), warnings
+    assert any("d.png named like an image but not a file" in w for w in warnings), warnings
+
+
 @pytest.fixture(scope="module")
 def glas_image():
     """A 512 x 512 crop of a real GlaS image (tests skip without ../shared/data)."""
@@ -316,11 +332,16 @@ def test_background_is_skipped_and_outputs_describe_the_slide(tmp_path, net):
     thumb = Image.open(tmp_path / "out" / "five_thumbnail.png")
     assert thumb.width == 2 * 1024 + 4 and thumb.height > 683  # the slide at 1024 x 683 | the regions over it; the key
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".status",  # the slide's outcome, for the table of all slides
         "five.geojson",
         "five.json",
         "five_map.tif",
         "five_thumbnail.png",
+        "slides_summary.csv",
+        "slides_summary.json",
     ]
+    assert written["files"] == {n: (tmp_path / "out" / n).stat().st_size for n in written["files"]}
+    assert sorted(written["files"]) == ["five.geojson", "five_map.tif", "five_thumbnail.png"]
 
 
 def test_region_inference_is_the_slide_map_over_that_region(tmp_path, net, glas_image):
@@ -565,9 +586,13 @@ def test_bundle_without_dataset_dir_runs_the_synthetic_slide(tmp_path, net):
         "256",
         "--overlap",
         "0.0",
+        "--shard",
+        "0/1",  # the option as the command line passes it (the one share of one: every slide)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "data" / "synthetic" / "slides" / "synthetic_slide.tif").is_file()
+    table = (tmp_path / "inference" / "slides" / "slides_summary.csv").read_text().splitlines()
+    assert len(table) == 2 and table[1].split(",")[1:4] == ["done", "", "0/1"]
     summary = json.loads((tmp_path / "inference" / "slides" / "synthetic_slide.json").read_text())
     assert summary["level"] == 2 and summary["level_downsample"] == 4 and summary["patches_total"] == 6
     assert 4 <= summary["patches_run"] <= 6  # the oval's corners are glass
@@ -590,8 +615,9 @@ def test_a_slide_that_fails_midway_leaves_nothing_and_the_others_finish(tmp_path
     monkeypatch.setattr(inferer, "_forward", failing)
     with pytest.raises(RuntimeError, match=r"(?s)1 of 2 slide\(s\) failed.*first.tif: OSError: damaged tile"):
         inferer.run([first, second])
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith((".", "slides_summary")))
     assert names == ["second.geojson", "second.json", "second_map.tif", "second_thumbnail.png"]
+    assert not list((tmp_path / "out").glob(".first*"))  # no temporary file or folder of the failed slide is left
 
 
 @pytest.mark.slow

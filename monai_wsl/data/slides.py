@@ -54,7 +54,14 @@ def list_slides(source: str | Path | Sequence[str | Path]) -> list[Path]:
         return [Path(s) for s in source]
     path = Path(source)
     if path.is_dir():
-        slides = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+        named_like_slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        skipped = [p.name for p in named_like_slides if not p.is_file()]
+        if skipped:
+            logger.warning(
+                f"{path}: {', '.join(skipped)} named like a slide but not a file (a folder?): skipped. The run reads "
+                "the slide files directly in the folder given; list others in a CSV or text file (--dataset_dir)."
+            )
+        slides = [p for p in named_like_slides if p.is_file()]
         if not slides:
             raise DataError(
                 [f"folder {path} holds no slide ({', '.join(SLIDE_SUFFIXES)}): pass --dataset_dir FOLDER_OF_SLIDES"],

@@ -274,8 +274,10 @@ def write_synthetic_slide(
             image, glands = synthetic_histology_sample(int(malignant), (tile, tile), rng)
             rgb[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = image
             mask[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = glands
-    with atomic_write(path) as (partial,):  # the mask first, the slide renamed into place last: a slide file is
-        levels = write_rgb_pyramid(partial, rgb, mpp=mpp)  # always complete and has its mask
+    # the mask renamed into place first, the slide last: a slide file is always complete and has its mask, and
+    # processes that write it at once (the ranks of torchrun) each rename complete files of their own
+    with atomic_write(anno, path) as (anno_partial, partial):
+        levels = write_rgb_pyramid(partial, rgb, mpp=mpp)
         lh, lw = levels[-1]
-        Image.fromarray(mask * 255).resize((lw, lh), Image.NEAREST).save(anno)
+        Image.fromarray(mask * 255).resize((lw, lh), Image.NEAREST).save(anno_partial, format="PNG")
     return path

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from monai_wsl.model_card import MODEL_CARD, read_model_card, trained_setting
@@ -93,7 +94,8 @@ class TrainingSummary:
         }
         if self.network_def is not None:
             card["network_def"] = self.network_def
-        write_json_atomic(self.model_file.with_name(MODEL_CARD), card)
+        if idist.get_rank() == 0:  # under DDP every rank selects the same epoch; one writes, as for the checkpoints
+            write_json_atomic(self.model_file.with_name(MODEL_CARD), card)
 
     def __call__(self, engine: Engine) -> None:
         if self.selected is None:

@@ -5,6 +5,9 @@ through ``WSIReader`` (:class:`~monai_wsl.inferers.splitter.TissueWSISplitter`),
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -21,13 +24,22 @@ from monai.transforms import ScaleIntensityRange
 from monai.utils import convert_to_tensor
 
 from monai_wsl.data.check import DataError, warn_if_synthetic
-from monai_wsl.data.slide_outputs import SlideWriter, class_summary, run_summary
+from monai_wsl.data.slide_outputs import (
+    SlideWriter,
+    class_summary,
+    run_summary,
+    slide_output_paths,
+    slide_outputs_complete,
+    write_slide_status,
+    write_slides_table,
+)
 from monai_wsl.data.slides import ArrayPlane, ZeroMap, read_region, slide_problems, survey_slide
 
 from .backends import OnnxNetwork, with_backend
+from .shard import SlideShards, balanced_shares, tissue_area_estimate
 from .splitter import TissueWSISplitter, choose_merger
 
-__all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy"]
+__all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy", "model_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +50,27 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / np.log(2.0)
 
 
+def model_digest(network: torch.nn.Module) -> str:
+    """The SHA-256 of a network's state dict (names and values): the weights a slide's outputs were made with."""
+    digest = hashlib.sha256()
+    for name, value in network.state_dict().items():
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class SlideInferer:
     """A weakly-supervised localizer over whole slides. For each slide: a tissue mask from a low-resolution level
     (the smallest of at least ``thumbnail_size`` pixels; Otsu on saturation), MONAI's ``PatchInferer`` over the
     tissue patches of the chosen level (batched, with an overlap, a progress bar), and the files
     :class:`~monai_wsl.data.slide_outputs.SlideWriter` names after the slide in ``output_dir``: the mask probability
-    as a pyramidal TIFF, a thumbnail, the regions as GeoJSON, and a JSON summary, written last (a slide whose JSON
-    exists is done). With ``uncertainty``, each patch's mask is averaged over four test-time flips (none, horizontal,
-    vertical, both) and the binary entropy of that mean, merged as the map is, is written as a map too. The same
-    network pass serves a region of a slide (:meth:`infer_region`, as MONAI Label's pathology workflow sends it).
+    as a pyramidal TIFF, a thumbnail, the regions as GeoJSON, and a JSON summary, written last (it lists the other
+    files, their sizes and the :meth:`settings`: what makes a slide complete). Over many slides, :meth:`run` takes
+    this process's share (``torchrun`` or ``shard``) and skips complete slides. With ``uncertainty``, each patch's
+    mask is averaged over four test-time flips (none, horizontal, vertical, both) and the binary entropy of that
+    mean, merged as the map is, is written as a map too. The same network pass serves a region of a slide
+    (:meth:`infer_region`, as MONAI Label's pathology workflow sends it).
 
     Args:
         network: a ``WSLNet`` (or ``MaskOutput``) with ``predict(x) -> {"mask", "logits"}``.
@@ -128,6 +152,27 @@ class SlideInferer:
         self._probs: list[torch.Tensor] = []
         self._bar: Any = None
         self._checked: list[Path] = []
+        self._settings: dict | None = None  # run()'s, for its slides
+
+    def settings(self) -> dict:
+        """What a slide's outputs depend on, as its ``<stem>.json`` records it (``"settings"``): a rerun skips a slide
+        whose outputs are complete and were made with the same settings and weights (``"model"``: their SHA-256)."""
+        return {
+            "level": self.level,
+            "mpp": self.mpp,
+            "patch_size": self.patch_size,
+            "overlap": self.overlap,
+            "min_tissue": self.min_tissue,
+            "min_saturation": self.min_saturation,
+            "threshold": self.threshold,
+            "uncertainty": self.uncertainty,
+            "class_names": self.class_names,
+            "positive_class": self.positive_class,
+            "region_name": self.region_name,
+            "thumbnail_size": self.thumbnail_size,
+            "geojson_max_side": self.geojson_max_side,
+            "model": model_digest(self.network),
+        }
 
     # ------------------------------------------------------------------ checks
     def check(self, slides: Sequence[str | Path]) -> None:
@@ -244,13 +289,14 @@ class SlideInferer:
         start = time.perf_counter()
         setup = self.prepare(slide)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        workdir = tempfile.mkdtemp(prefix=f".{slide.stem}.", dir=self.output_dir)
+        workdir = tempfile.mkdtemp(prefix=f".{slide.stem}.work.", dir=self.output_dir)
         self.network.eval()
         self._probs = []
         try:
             merger_name, plane, uncertain = self._run_patches(slide, setup, workdir)
             probs = torch.cat(self._probs).numpy() if self._probs else np.zeros((0, len(self.class_names)))
             run = run_summary(slide, setup, self.patch_size, self.overlap, merger_name)
+            run["settings"] = self._settings or self.settings()
             classes = class_summary(probs, self.class_names, self.positive_class)
             writer = SlideWriter(
                 self.output_dir, self.threshold, self.region_name, self.geojson_max_side, self.thumbnail_size
@@ -291,23 +337,102 @@ class SlideInferer:
             uncertain = merged[0, 1].numpy() if in_memory else ArrayPlane(merged, 1)
         return merger_cls.__name__, plane, uncertain
 
-    def run(self, slides: Sequence[str | Path]) -> list[dict]:
-        """Check all slides (unless :meth:`check` has just checked these), then run each (see :meth:`__call__`); a
-        slide that fails is reported and the others run, then a ``RuntimeError`` lists the failures."""
+    def run(
+        self, slides: Sequence[str | Path], shard: str | Sequence[int] | None = None, overwrite: bool = False
+    ) -> list[dict]:
+        """Check all slides (unless :meth:`check` has just checked these), then run this process's share of them (see
+        :meth:`__call__`) and write the table of all of them. A slide that fails is reported and the others run, then
+        a ``RuntimeError`` lists the failures.
+
+        The share (:class:`~monai_wsl.inferers.shard.SlideShards`): under ``torchrun``, this rank's; else ``shard``
+        ``"i/n"``; else all. The slides are shared out by their tissue area (:func:`balanced_shares`; under
+        ``torchrun`` a slide already complete weighs nothing). A slide whose outputs are complete
+        (:func:`~monai_wsl.data.slide_outputs.slide_outputs_complete`: all its files, made with these
+        :meth:`settings`) is skipped unless ``overwrite``; one stopped midway is run again. Each slide's outcome is
+        recorded in ``.status/<stem>.json``; at the end (under ``torchrun``: rank 0, once every rank is done; else each
+        process, the last one seeing all) ``slides_summary.csv`` and ``slides_summary.json`` list every slide with
+        its status (``done``, ``skipped-complete``, ``failed`` with the error, ``pending`` for a share not run yet),
+        tissue area, patches, seconds and regions. Returns the summaries of this process's slides, run or skipped."""
         slides = [Path(s) for s in slides]
         if slides != self._checked:
             self.check(slides)
+        with SlideShards(shard) as shards:
+            try:
+                self._settings = settings = self.settings()
+                return self._run_share(slides, shards, settings, overwrite)
+            finally:
+                self._settings = None
+
+    def _remove_leftovers(self, stem: str) -> None:
+        """The temporary files and folder of an earlier run of slide ``stem`` that was killed (no other process runs
+        this slide: the shares are disjoint)."""
+        if not self.output_dir.is_dir():
+            return
+        names = [p.name for p in slide_output_paths(self.output_dir, stem, True).values()]
+        leftovers = [p for name in names for p in self.output_dir.glob(f".{glob.escape(name)}.*.partial")]
+        leftovers += self.output_dir.glob(f".{glob.escape(stem)}.work.*")
+        for path in leftovers:
+            logger.info(f"removing {path.name}, left by a run of {stem} that was stopped")
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def _run_share(self, slides: list[Path], shards: SlideShards, settings: dict, overwrite: bool) -> list[dict]:
+        def complete(i: int) -> bool:
+            return not overwrite and slide_outputs_complete(self.output_dir, slides[i].stem, settings) is None
+
+        def weigh(i: int) -> float:
+            if shards.distributed and complete(i):  # the ranks see the same outputs: only the work left is shared
+                return 0.0
+            try:
+                return tissue_area_estimate(slides[i], self.backend, self.min_saturation)
+            except Exception as e:  # the slide's own run will say what is wrong with it
+                logger.warning(f"slide {slides[i]}: no tissue estimate ({type(e).__name__}: {e}); weighed as 0")
+                return 0.0
+
+        weights = shards.compute(weigh, len(slides))
+        mine = balanced_shares(weights, shards.world_size)[shards.rank]
+        where = f"[shard {shards.label}] " if shards.world_size > 1 else ""
+        if shards.world_size > 1:
+            logger.info(
+                f"{where}{len(mine)} of {len(slides)} slide(s), {sum(weights[i] for i in mine) / 1e6:.1f} of "
+                f"{sum(weights) / 1e6:.1f} Mpx of tissue (level 0): " + ", ".join(slides[i].name for i in mine)
+            )
         summaries, failed = [], []
-        for slide in slides:  # a slide that fails (a damaged tile, a full disk) does not stop the others
+        for i in mine:  # a slide that fails (a damaged tile, a full disk) does not stop the others
+            slide, start = slides[i], time.perf_counter()
+            record = {"slide": str(slide.absolute()), "shard": shards.label, "tissue_area_estimate_px": weights[i]}
+            self._remove_leftovers(slide.stem)
+            problem = "overwrite" if overwrite else slide_outputs_complete(self.output_dir, slide.stem, settings)
+            if problem is None:
+                summaries.append(json.loads((self.output_dir / f"{slide.stem}.json").read_text()))
+                logger.info(f"{where}{slide.name}: its outputs are complete, skipped")
+                write_slide_status(self.output_dir, slide.stem, {**record, "status": "skipped-complete"})
+                continue
+            if (self.output_dir / f"{slide.stem}.json").exists():
+                logger.info(f"{where}{slide.name}: run again: {problem}")
             try:
                 summaries.append(self(slide))
+                record["status"], record["error"] = "done", None
             except Exception as e:
                 logger.error(
                     f"slide {slide} failed ({type(e).__name__}: {e}); nothing of it was written", exc_info=True
                 )
                 failed.append(f"{slide}: {type(e).__name__}: {e}")
+                record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            write_slide_status(self.output_dir, slide.stem, record)
+        shards.barrier()  # under torchrun, rank 0 writes the table once every rank's slides are recorded
+        if shards.rank == 0 or not shards.distributed:
+            extra = {"processes": shards.world_size, "torchrun": shards.distributed}
+            rows = write_slides_table(self.output_dir, slides, settings, extra)
+            counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+            logger.info(
+                f"{where}slides: "
+                + ", ".join(f"{n} {s}" for s, n in counts.items())
+                + f"; the table of all: {(self.output_dir / 'slides_summary.csv').resolve()}"
+            )
+        shards.barrier()  # no rank stops (and torchrun stops the others) before the table is written
         if failed:
             raise RuntimeError(
-                f"{len(failed)} of {len(slides)} slide(s) failed, the others are done:\n  " + "\n  ".join(failed)
+                f"{where}{len(failed)} of {len(mine)} slide(s) failed, the others are done:\n  " + "\n  ".join(failed)
             )
         return summaries
