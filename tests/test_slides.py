@@ -292,11 +292,14 @@ def test_uncertainty_map_is_the_entropy_of_the_flip_averaged_mask(tmp_path, net,
     out = tmp_path / "out"
     assert summary["uncertainty"]["file"] == "s_uncertainty.tif"
     assert sorted(p.name for p in out.iterdir()) == [
+        ".status",  # the slide's outcome, and the table of all slides
         "s.geojson",
         "s.json",
         "s_map.tif",
         "s_thumbnail.png",
         "s_uncertainty.tif",
+        "slides_summary.csv",
+        "slides_summary.json",
     ]
     level0 = tifffile.imread(out / "s_map.tif", key=0).astype(float)[256:768, 512:1024]
     uncertainty = tifffile.imread(out / "s_uncertainty.tif", key=0).astype(float)[256:768, 512:1024]
