@@ -403,6 +403,7 @@ def test_gradcam_evaluates_a_trained_cam_model(tmp_path):
     assert scores["gradcampp"]["val_pxap"] != scores["gradcam"]["val_pxap"]
 
 
+@pytest.mark.slow  # a GlaS training (29 s)
 def test_training_ends_with_a_summary_and_models_say_what_they_know(tmp_path, shared_data):
     """The end of a training names the selected model, its epoch and metrics and the TensorBoard command; its model
     card records the synthetic training data, and inference warns when that model meets other images."""

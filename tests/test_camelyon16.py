@@ -390,6 +390,7 @@ def test_the_nan_rule_gives_the_papers_per_class_conventions():
     assert f1_neg.aggregate().item() == pytest.approx((2 * 48 / (48 + 64) + 2 * 32 / (32 + 48)) / 2)
 
 
+@pytest.mark.slow  # a training and an evaluation (25 s)
 def test_one_epoch_through_the_bundle_then_evaluation_with_the_per_class_conventions(prepared, tmp_path):
     out, datalist = prepared
     root = tmp_path / "bundle"

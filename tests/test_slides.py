@@ -222,7 +222,7 @@ def glas_image():
     return np.asarray(Image.open(glas / "train_1.jpg").convert("RGB"))[:512, :512].copy()
 
 
-@pytest.mark.parametrize("merger", ["memory", "zarr"])
+@pytest.mark.parametrize("merger", ["memory", pytest.param("zarr", marks=pytest.mark.slow)])  # 47 s each
 def test_stitched_map_equals_the_network_on_the_same_pixels(tmp_path, net, merger, glas_image):
     """A GlaS image embedded at a known, patch-aligned position of a synthetic slide: with 256-pixel patches and no
     overlap, the map over it is the network's mask on each 256 x 256 block of the image itself (to the 8-bit

@@ -131,6 +131,7 @@ def check_outputs(root: Path) -> dict[str, float]:
     return metrics
 
 
+@pytest.mark.slow  # the 3D recipe trained, evaluated and run (48 s)
 def test_volume_recipe_trains_evaluates_and_infers_through_the_bundle(tmp_path):
     """Two epochs on a few volumes: the whole path runs and writes what it should (the quality is the slow test's)."""
     small = '{"num_train": 4, "num_valid": 2, "size": [32, 32, 32], "seed": 0}'
