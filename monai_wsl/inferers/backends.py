@@ -4,7 +4,7 @@ CPUs, where EfficientNet-lite runs several times faster than in eager PyTorch.
 :func:`with_backend` gives the network an inference path runs: the network itself (``"torch"``), or an
 :class:`OnnxNetwork` (``"onnxruntime"``), an ``nn.Module`` with the same ``predict`` / ``segment`` / ``forward``, so
 that ``SlideInferer``, ``WSLInferer`` and MONAI's evaluators run it unchanged. ``"auto"`` picks ONNX Runtime on a CPU
-when it is installed (``pip install "monai_wsl[cpu]"``), PyTorch otherwise (GPUs).
+when it is installed (a dependency of the package), PyTorch otherwise (GPUs).
 
 The export (:func:`export_onnx`) is the network's ``predict``: ``image (B, C, H, W)`` -> ``mask (B, 1, H, W)``,
 ``logits (B, K)``, traced by PyTorch's TorchScript-based ONNX exporter in evaluation mode, which folds every batch
@@ -68,7 +68,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 OPSET = 17
 #: the sidecar's format; a sidecar of another format is rebuilt
 SIDECAR_FORMAT = 1
-_INSTALL = 'pip install "monai_wsl[cpu]" (onnxruntime and onnx)'
+_INSTALL = "pip install onnxruntime onnx (dependencies of monai_wsl: pip install -e . installs them)"
 
 
 class StaleExportError(RuntimeError):
