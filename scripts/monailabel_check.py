@@ -155,15 +155,30 @@ def lay_out(home: Path) -> dict:
     return {"clone": clone, "images": images, "jpg": jpg, "bmp": bmp}
 
 
+def user_env() -> dict[str, str]:
+    """The environment of a user's shell for the README's commands: this process's, without its PYTHONPATH and
+    virtual environment (the commands activate their own)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    venv = os.environ.get("VIRTUAL_ENV")
+    if venv:
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(venv))
+    return env
+
+
 def run_setup(commands: list[str], home: Path, port: int, log: Path) -> None:
     script = "set -e\n" + "\n".join(substitute(c, home, port) for c in commands)
     print(f"$ {script[7:]}", flush=True)
     start = time.time()
     with open(log, "w") as out:
-        got = subprocess.run(["bash", "-c", script], cwd=home / "work", stdout=out, stderr=subprocess.STDOUT)
+        got = subprocess.run(
+            ["bash", "-c", script], cwd=home / "work", stdout=out, stderr=subprocess.STDOUT, env=user_env()
+        )
     text = log.read_text()
     print(f"  setup took {time.time() - start:.0f} s (log: {log})", flush=True)
-    check(got.returncode == 0, f"the README's setup commands ran (exit {got.returncode}; {text[-2000:]})")
+    check(
+        got.returncode == 0,
+        "the README's setup commands ran" + (f": exit {got.returncode}, {text[-2000:]}" * bool(got.returncode)),
+    )
     conflicts = [line for line in text.splitlines() if "dependency conflicts" in line or "is incompatible" in line]
     check(not conflicts, f"pip printed no dependency conflict {conflicts[:5]}")
 
@@ -178,12 +193,12 @@ class Server:
         self.out = open(log, "w")
         self.start = time.time()
         self.process = subprocess.Popen(
-            ["bash", "-c", f". {activate} && exec {command}"],
+            ["bash", "-c", f". {activate} && {command}"],
             cwd=home / "work",
             stdout=self.out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+            env={**user_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
         )
 
     def wait(self, timeout: float) -> None:
@@ -212,16 +227,31 @@ class Server:
 def request(command: str, home: Path) -> tuple[str, float]:
     print(f"$ {command}", flush=True)
     start = time.time()
-    got = subprocess.run(["bash", "-c", command], cwd=home / "work", capture_output=True, text=True)
+    try:
+        got = subprocess.run(
+            ["bash", "-c", command], cwd=home / "work", capture_output=True, text=True, env=user_env(), timeout=600
+        )
+    except subprocess.TimeoutExpired:
+        raise CheckFailed(f"{command} got no reply within 600 s") from None
     if got.returncode:
         raise CheckFailed(f"{command} exited with {got.returncode}: {got.stderr[-2000:]}")
     return got.stdout, time.time() - start
 
 
 def response_json(stdout: str) -> object:
-    """The JSON body of a reply (after the headers when ``curl -i`` printed them)."""
-    body = stdout.split("\r\n\r\n", 1)[-1] if stdout.startswith("HTTP/") else stdout
-    return json.loads(body)
+    """The JSON body of a reply (after the headers when ``curl -i`` printed them, a ``100 Continue`` included)."""
+    body = stdout
+    while body.startswith("HTTP/") and re.search(r"\r?\n\r?\n", body):
+        body = re.split(r"\r?\n\r?\n", body, maxsplit=1)[1]
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise CheckFailed(f"the reply is not JSON: {stdout[:1000]!r}") from None
+
+
+def status_line(stdout: str) -> str:
+    """The last status line ``curl -i`` printed (after a ``100 Continue``)."""
+    return [line for line in stdout.split("\r\n") if line.startswith("HTTP/")][-1]
 
 
 def bundle_masks(clone: Path, images: Path, out: Path) -> dict[str, object]:
@@ -277,7 +307,7 @@ def check_images(block: list[str], home: Path, port: int, layout: dict, timeout:
             elif "-o " in c:
                 figures[c.split("-o ")[-1].split()[0] + " (s)"] = round(seconds, 1)
             elif "-i " in c:
-                status = stdout.split("\r\n", 1)[0]
+                status = status_line(stdout)
                 image_id = re.search(r"image=([\w.-]+)", c).group(1)
                 detail = str(response_json(stdout))
                 check(" 400" in status and image_id in detail, f"unknown image {image_id}: {status}, {detail}")
@@ -286,7 +316,7 @@ def check_images(block: list[str], home: Path, port: int, layout: dict, timeout:
         check(model.get("labels") == {"gland": 1} and model.get("dimension") == 2, f"/info: {model.get('labels')}, 2D")
         names = model.get("config", {}).get("model_filename")
         check(names in (None, ["model.pt"]), f"only model.pt is offered as the model file ({names})")
-        listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=all").read())
+        listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=all", timeout=60).read())
         ids = sorted(listed.get("objects", listed))
         check(not any(i.endswith("_anno") for i in ids), f"the *_anno masks are not listed as images ({ids})")
     finally:
@@ -312,7 +342,9 @@ def check_slides(block: list[str], home: Path, port: int, layout: dict, timeout:
 
     def written(p: Path) -> bool:  # MONAI Label's log (bundle/monailabel/logs/, git-ignored) and Python's caches
         app = clone / "bundle" / "monailabel"
-        return "__pycache__" in p.parts or (p.is_relative_to(app) and p.relative_to(app).parts[:1] == ("logs",))
+        if "__pycache__" in p.parts or (p.is_relative_to(app) and p.relative_to(app).parts[:1] == ("logs",)):
+            return True
+        return p.is_dir() and not any(p.iterdir())  # the empty bin/, lib/, model/ it makes (git keeps no empty folder)
 
     before = sorted(p.relative_to(clone).as_posix() for p in (clone / "bundle").rglob("*"))
     server = Server(command, home, port, home / "server_slides.log")
@@ -333,7 +365,7 @@ def check_slides(block: list[str], home: Path, port: int, layout: dict, timeout:
         for p in (clone / "bundle").rglob("*")
         if p.relative_to(clone).as_posix() not in before and not written(p)
     )
-    check(not new, f"nothing but its log written into the clone's bundle/ ({new})")
+    check(not new, f"nothing but its log and empty folders written into the clone's bundle/ ({new})")
 
     from monai_wsl.apps import build_slide_inferer, infer_slide_region
 
@@ -343,7 +375,7 @@ def check_slides(block: list[str], home: Path, port: int, layout: dict, timeout:
         wsi = json.loads(re.search(r"wsi=(\{.*?\})'", c).group(1)) if "wsi=" in c else {}
         image_id = re.search(r"image=([\w.-]+)", c).group(1)
         if "-i " in c:
-            status, detail = stdout.split("\r\n", 1)[0], str(response_json(stdout))
+            status, detail = status_line(stdout), str(response_json(stdout))
             check(" 400" in status and image_id in detail, f"unknown slide {image_id}: {status}, {detail}")
             continue
         out = re.search(r"-o (\S+)", c)
