@@ -352,3 +352,49 @@ def test_monai_wsl_imports_without_monailabel_and_the_task_says_how_to_get_it():
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert got.returncode == 0, got.stderr[-2000:]
     assert got.stdout.strip() in ("refused", "imported")
+
+
+def test_region_tiles_cover_a_level_1_region_whole(tmp_path):
+    """MONAI Label 0.8.5 cuts a region into tiles in level-0 pixels but reads each at the request's level; the app
+    gives it these tiles instead: at level 1 (downsample 2) they cover the region's level-1 pixels once each, their
+    locations in level-0 pixels."""
+    from monai_wsl.apps import region_tiles
+
+    slide = write_synthetic_slide(tmp_path / "synthetic_slide.tif")  # 3072 x 2048 at level 0, levels halving
+    region = check_region_request({"image": str(slide), "location": (1000, 500), "size": (700, 300), "level": 1})
+    tiles = region_tiles(region, (256, 256))
+    assert len(tiles) == 3 * 2
+    covered = np.zeros((300, 700), int)
+    for t in tiles:
+        c = round((t["location"][0] - 1000) / region.downsample)
+        r = round((t["location"][1] - 500) / region.downsample)
+        w, h = t["size"]
+        assert (t["location"][0] - 1000) % 2 == 0 and w <= 256 and h <= 256
+        covered[r : r + h, c : c + w] += 1
+    assert (covered == 1).all()  # the whole region, no pixel twice
+    assert tiles[-1] == {"location": (1000 + 2 * 512, 500 + 512), "size": (700 - 512, 300 - 256)}
+    one = region_tiles(region, region.size)
+    assert one == [{"location": (1000, 500), "size": (700, 300)}]
+    with pytest.raises(DataError, match="tile_size"):
+        region_tiles(region, (0, 256))
+
+
+def test_a_model_of_the_synthetic_set_is_served_with_a_warning(tmp_path):
+    """The MONAI Label app logs this warning when the model card says the synthetic set (the quick start); a model
+    trained on other data, or one without a card, gets none; an unknown id is answered with the id."""
+    from monai_wsl.apps import synthetic_model_warning, unknown_image_message
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")
+    assert synthetic_model_warning(checkpoint) is None  # no card
+    card = tmp_path / "model_card.json"
+    card.write_text(json.dumps({"trained_on": {"synthetic": False, "datalist": "runs/glas/datalist.json"}}))
+    assert synthetic_model_warning(checkpoint) is None
+    card.write_text(json.dumps({"trained_on": {"synthetic": True, "datalist": "bundle/data/synthetic/datalist.json"}}))
+    warning = synthetic_model_warning(checkpoint)
+    assert str(checkpoint) in warning and "synthetic set" in warning and "Train" in warning
+    card.write_text("{not json")
+    with pytest.raises(ValueError, match="damaged"):
+        synthetic_model_warning(checkpoint)
+    message = unknown_image_message("train_99", tmp_path)
+    assert "'train_99'" in message and str(tmp_path) in message

@@ -16,15 +16,20 @@ from image-level labels, which MONAI Label's trainers do not give; train with th
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import monailabel
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 import monai_wsl
+from monai_wsl.apps import check_region_request, region_tiles, synthetic_model_warning, unknown_image_message
 from monai_wsl.apps.monailabel import SlideRegionInferTask
+from monai_wsl.data import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,12 @@ class WSLHistologyApp(MONAILabelApp):
                 f"{self.bundle_root} is not the monai_wsl bundle (no configs/inference_wsi.json there): pass "
                 "--conf bundle PATH_TO/monai_wsl/bundle"
             )
+        if monai_wsl.__file__ is None:  # a folder named monai_wsl on PYTHONPATH (MONAI Label's launcher adds the
+            raise ImportError(  # folder above its environment) shadows the installed package
+                f"'import monai_wsl' found the folder {list(monai_wsl.__path__)}, not the installed package: install "
+                "monai_wsl without -e (pip install PATH_TO/monai_wsl), or keep the clone out of the folder that holds "
+                "the MONAI Label environment"
+            )
         if not self.model_path.is_file():
             raise FileNotFoundError(
                 f"model {self.model_path} does not exist: train the bundle first (python -m monai.bundle run "
@@ -61,7 +72,41 @@ class WSLHistologyApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         task = SlideRegionInferTask(self.bundle_root, self.model_path)
         logger.info(f"+++ Adding Inferer:: {self.model_name} => {task} ({self.bundle_root}, {self.model_path})")
+        warning = synthetic_model_warning(self.model_path)
+        if warning:
+            logger.warning(warning)
         return {self.model_name: task}
+
+    def _known_image(self, request: dict[str, Any]) -> None:
+        """An id that is neither a file nor in the studies folder is answered 400 naming it (MONAI Label would pass
+        None on to the task)."""
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image) and not self.datastore().get_image_uri(image):
+            raise HTTPException(status_code=400, detail=unknown_image_message(image, self.studies))
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        self._known_image(request)
+        return super().infer(request, datastore)
+
+    def infer_wsi(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """MONAI Label's whole-slide inference, with the DSA document as the default reply (MONAI Label's own default
+        is its JSON of tiles) and, at a level above 0, tiles that cover the whole region (MONAI Label 0.8.5 cuts the
+        region in level-0 pixels but reads each tile at the level, which covers a part of it only)."""
+        self._known_image(request)
+        request = dict(request)
+        request["output"] = request.get("output") or "dsa"
+        level = request.get("level") or 0
+        if not request.get("wsi_tiles") and isinstance(level, int) and level > 0:
+            path = request["image"]
+            if not os.path.exists(path):
+                path = (datastore or self.datastore()).get_image_uri(path)
+            try:
+                region = check_region_request({**request, "image": path})
+                tiles = region_tiles(region, request.get("tile_size") or region.size)
+            except DataError as e:
+                raise HTTPException(status_code=400, detail=str(e)) from e
+            request["wsi_tiles"] = [{"location": list(t["location"]), "size": list(t["size"])} for t in tiles]
+        return super().infer_wsi(request, datastore)
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {}  # image-level labels: train with the bundle, not MONAI Label's pixel-label trainers

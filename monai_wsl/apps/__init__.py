@@ -12,4 +12,7 @@ from .slide_region import (
     check_region_request,
     infer_slide_region,
     region_annotation,
+    region_tiles,
+    synthetic_model_warning,
+    unknown_image_message,
 )

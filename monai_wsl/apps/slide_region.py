@@ -29,6 +29,9 @@ __all__ = [
     "check_region_request",
     "region_annotation",
     "infer_slide_region",
+    "region_tiles",
+    "synthetic_model_warning",
+    "unknown_image_message",
 ]
 
 #: the regions' colour (RGB), as in the bundle's GeoJSON and thumbnails
@@ -300,3 +303,44 @@ def build_slide_inferer(
     loader.load()
     inferer.network.eval()
     return inferer
+
+
+def region_tiles(region: SlideRegion, tile_size: Sequence[int]) -> list[dict[str, Any]]:
+    """The tiles that cover ``region`` whole at its level: ``tile_size`` ``(w, h)`` in pixels of the level, each tile
+    ``{"location": (x, y) in level-0 pixels, "size": (w, h) in pixels of the level}``, in rows.
+
+    MONAI Label 0.8.5's ``infer_wsi`` cuts a region into tiles in level-0 pixels but reads each tile's size at the
+    request's level, so at a level above 0 its tiles cover a part of the region only; the MONAI Label app gives it these
+    tiles instead (its ``wsi_tiles``)."""
+    tw, th = (int(v) for v in tile_size)
+    if tw <= 0 or th <= 0:
+        raise _refuse(f"slide {region.slide}: tile_size {tuple(tile_size)} must be two positive whole numbers")
+    (x, y), (w, h), d = region.location, region.size, region.downsample
+    return [
+        {"location": (x + round(c * d), y + round(r * d)), "size": (min(tw, w - c), min(th, h - r))}
+        for r in range(0, h, th)
+        for c in range(0, w, tw)
+    ]
+
+
+def synthetic_model_warning(checkpoint: str | Path) -> str | None:
+    """The warning for a served model whose card (``model_card.json`` beside ``checkpoint``) says it was trained on
+    the embedded synthetic set (the quick start), or None: its masks on histology images mean nothing."""
+    from monai_wsl.model_card import read_model_card
+
+    trained_on = (read_model_card(checkpoint) or {}).get("trained_on") or {}
+    if not (isinstance(trained_on, dict) and trained_on.get("synthetic")):
+        return None
+    return (
+        f"{checkpoint} was trained on the embedded synthetic set (the quick start), not on histology images: its "
+        "masks and classes on real images and slides mean nothing. Train on your data first (bundle/docs/README.md, "
+        "Train) and serve that model.pt."
+    )
+
+
+def unknown_image_message(image_id: Any, studies: str | Path) -> str:
+    """What a server answers (HTTP 400) for an image or slide id that is neither a file nor in its studies folder."""
+    return (
+        f"no image or slide {image_id!r} in the studies folder {studies}: an id is a file name there without its "
+        "extension (GET /datastore/?output=all lists them), or give the path of a file on the server"
+    )
