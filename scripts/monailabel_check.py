@@ -340,10 +340,12 @@ def check_slides(block: list[str], home: Path, port: int, layout: dict, timeout:
     check("--host 127.0.0.1" in command, "the server command binds to 127.0.0.1")
     clone = layout["clone"]
 
-    def written(p: Path) -> bool:  # MONAI Label's log (bundle/monailabel/logs/, git-ignored) and Python's caches
+    def written(p: Path) -> bool:  # MONAI Label's log (bundle/monailabel/logs/, git-ignored), Python's caches
         app = clone / "bundle" / "monailabel"
         if "__pycache__" in p.parts or (p.is_relative_to(app) and p.relative_to(app).parts[:1] == ("logs",)):
             return True
+        if p.parent == clone / "bundle" / "models" and p.name.endswith((".onnx", ".onnx.json")):
+            return True  # the network's ONNX export beside the model (the CPU inference backend; git-ignored)
         return p.is_dir() and not any(p.iterdir())  # the empty bin/, lib/, model/ it makes (git keeps no empty folder)
 
     before = sorted(p.relative_to(clone).as_posix() for p in (clone / "bundle").rglob("*"))

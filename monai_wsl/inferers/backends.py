@@ -321,13 +321,14 @@ def _mismatch(path: Path, key: dict) -> tuple[str | None, bytes | None]:
     differ = [k for k in key if recorded.get(k) != key[k]]
     if differ:
         names = {
-            "weights_sha256": "the weights",
-            "structure_sha256": "the network's structure or settings",
-            "input": "the input size",
-            "outputs": "other outputs",
-            "torch": "the torch version",
+            "weights_sha256": "weights",
+            "structure_sha256": "network structure or settings",
+            "input": "input size",
+            "outputs": "outputs",
+            "torch": "torch version",
         }
-        return "it was exported from other " + ", ".join(names.get(k, k) for k in differ), None
+        what = ", ".join(f"{names.get(k, k)} ({recorded.get(k)!r:.40} there, {key[k]!r:.40} here)" for k in differ)
+        return f"it does not match the network here: {what}", None
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != recorded_sha:
         return f"the file changed after it was exported (its sha256 is not the one {sidecar_path.name} records)", None
