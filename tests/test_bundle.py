@@ -280,6 +280,7 @@ def bundle_command(configs: list[str], root: Path, data: str, *extra: str, proce
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # a training in two processes (12 s)
 def test_multi_gpu_config_runs_two_gloo_processes_on_cpu(tmp_path):
     data = small_data(tmp_path / "data")
     cmd = bundle_command(

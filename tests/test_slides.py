@@ -572,6 +572,7 @@ def test_synthetic_slide_is_a_pyramid_openslide_reads_with_its_gland_mask(tmp_pa
     assert write_synthetic_slide(path) == path and path.stat().st_mtime_ns == os.stat(path).st_mtime_ns  # kept
 
 
+@pytest.mark.slow  # the whole-slide quick start (18 s); the real SVS runs in the fast suite
 def test_bundle_without_dataset_dir_runs_the_synthetic_slide(tmp_path, net):
     """Right after the quick start: the whole-slide command without --dataset_dir writes the synthetic slide and runs
     the model on it (here at its level 2, 768 x 512, to stay fast)."""
