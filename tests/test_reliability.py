@@ -376,8 +376,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, clean_data) -> dict[str, tuple]:
+#: the rarer formats and datalist mistakes, run with `pytest -m slow` (each case is a bundle process of its own)
+SLOW_CASES = {
+    "a 16-bit RGB TIFF (ITK cannot load it)",
+    "a floating-point TIFF",
+    "a TIFF with 5 channels",
+    "an image with a NaN patch",
+    "a palette (indexed-colour) PNG",
+    "a mask of another size than its image",
+    "a validation item without a mask",
+    'an image given as a number ("image": 123)',
+    "a label outside the classes",
+    'a label given as text ("malignant")',
+    "an empty split",
+    "resize_short_side smaller than crop_size",
+    "a truncated checkpoint",
+    "a checkpoint with NaN weights",
+}
+FAST = [c for c in CASES if c.title not in SLOW_CASES]
+SLOW = [c for c in CASES if c.title in SLOW_CASES]
+
+
+def run_cases(tmp_path_factory, clean_data, cases: list[Case]) -> dict[str, tuple]:
     """Every case run once, two at a time (each is a separate Python process: the cores are the limit)."""
 
     def run(case: Case) -> tuple:
@@ -390,18 +410,38 @@ def outcomes(tmp_path_factory, clean_data) -> dict[str, tuple]:
         return done.returncode, done.stdout + done.stderr, files, sha256(model) == before, trained
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip([c.title for c in CASES], pool.map(run, CASES)))
+        return dict(zip([c.title for c in cases], pool.map(run, cases)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.setup.__name__.strip("_") for c in CASES])
-def test_bad_input_stops_with_a_message_that_names_the_file(case, outcomes):
-    returncode, output, files, model_unchanged, trained = outcomes[case.title]
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, clean_data) -> dict[str, tuple]:
+    return run_cases(tmp_path_factory, clean_data, FAST)
+
+
+@pytest.fixture(scope="module")
+def slow_outcomes(tmp_path_factory, clean_data) -> dict[str, tuple]:
+    return run_cases(tmp_path_factory, clean_data, SLOW)
+
+
+def check_outcome(case: Case, outcome: tuple) -> None:
+    returncode, output, files, model_unchanged, trained = outcome
     assert returncode == 1, output[-3000:]
     assert case.says in output, output[-3000:]
     for file in files:
         assert str(file) in output, (str(file), output[-3000:])
     assert model_unchanged  # the earlier run's model.pt is untouched
     assert not trained  # nothing was trained
+
+
+@pytest.mark.parametrize("case", FAST, ids=[c.setup.__name__.strip("_") for c in FAST])
+def test_bad_input_stops_with_a_message_that_names_the_file(case, outcomes):
+    check_outcome(case, outcomes[case.title])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW, ids=[c.setup.__name__.strip("_") for c in SLOW])
+def test_more_bad_input_stops_with_a_message_that_names_the_file(case, slow_outcomes):
+    check_outcome(case, slow_outcomes[case.title])
 
 
 def test_grey_and_rgba_images_are_converted_with_a_warning(scene):
