@@ -461,11 +461,11 @@ def test_memory_stays_bounded_when_the_slide_is_four_times_larger(tmp_path):
     assert peaks[8192, "zarr"] <= 1.3 * peaks[4096, "zarr"], peaks
     buffers_kib = (8192**2 - 4096**2) * (4 + 1) / 1024  # AvgMerger's values and counts for the extra pixels
     growth = {m: peaks[8192, m] - peaks[4096, m] for m in ("zarr", "memory")}
-    if growth["memory"] - growth["zarr"] <= 0.5 * buffers_kib:  # the control: open (2026-12-06), see the note below
+    if growth["memory"] - growth["zarr"] <= 0.5 * buffers_kib:  # the control, which is noisy (below)
         pytest.xfail(
             f"the in-memory control grew by {growth['memory']} KiB against {buffers_kib:.0f} KiB of buffers "
-            f"({peaks}): since the many-slides change (run() hashes the weights and estimates every slide's tissue "
-            "first) the control no longer tells the two mergers apart; the zarr bound above still holds"
+            f"({peaks}): on 2026-12-06 one run of two on an idle machine gave 69 MB, the other passed; the zarr bound "
+            "above still holds. Open: make the control robust to the allocator's baseline"
         )
 
 
