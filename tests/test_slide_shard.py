@@ -179,7 +179,6 @@ def test_a_killed_run_resumes_without_redoing_finished_slides(tmp_path, net, sli
     assert not (out / "slides_summary.csv").exists()
     finished = {s.stem: (out / f"{s.stem}_map.tif").stat().st_mtime_ns for s in slides[:3]}
 
-    monkeypatch.setattr(run, "_forward", forward)
     seen.clear()
     monkeypatch.setattr(run, "_forward", lambda p: seen.append(len(p)) or forward(p))
     summaries = run.run(slides)

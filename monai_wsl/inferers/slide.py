@@ -6,7 +6,6 @@ through ``WSIReader`` (:class:`~monai_wsl.inferers.splitter.TissueWSISplitter`),
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import shutil
@@ -35,11 +34,11 @@ from monai_wsl.data.slide_outputs import (
 )
 from monai_wsl.data.slides import ArrayPlane, ZeroMap, read_region, slide_problems, survey_slide
 
-from .backends import OnnxNetwork, with_backend
+from .backends import OnnxNetwork, weights_digest, with_backend
 from .shard import SlideShards, balanced_shares, tissue_area_estimate
 from .splitter import TissueWSISplitter, choose_merger
 
-__all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy", "model_digest"]
+__all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +47,6 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     """The entropy of a Bernoulli probability, in bits: 0 where ``p`` is 0 or 1, 1 at 0.5."""
     p = p.clamp(0.0, 1.0)
     return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / np.log(2.0)
-
-
-def model_digest(network: torch.nn.Module) -> str:
-    """The SHA-256 of a network's state dict (names and values): the weights a slide's outputs were made with."""
-    digest = hashlib.sha256()
-    for name, value in network.state_dict().items():
-        digest.update(name.encode())
-        if isinstance(value, torch.Tensor):
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class SlideInferer:
@@ -171,7 +160,7 @@ class SlideInferer:
             "region_name": self.region_name,
             "thumbnail_size": self.thumbnail_size,
             "geojson_max_side": self.geojson_max_side,
-            "model": model_digest(self.network),
+            "model": weights_digest(self.network),
         }
 
     # ------------------------------------------------------------------ checks
