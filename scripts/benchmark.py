@@ -41,7 +41,6 @@ import argparse
 import json
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -63,13 +62,15 @@ def _sync(device: torch.device) -> None:
 
 
 class EpochSplit:
-    """Per-epoch sums of Ignite's ``HandlersTimeProfiler`` on the trainer and on the validation evaluator."""
+    """Per-epoch sums of Ignite's profilers: ``HandlersTimeProfiler`` on the trainer (it runs once) and
+    ``BasicTimeProfiler`` on the validation evaluator (it runs once per epoch; this profiler removes its timers at the
+    end of each run, so no run is counted twice)."""
 
     def __init__(self, trainer, evaluator) -> None:
         from ignite.engine import Events
-        from ignite.handlers.time_profilers import HandlersTimeProfiler
+        from ignite.handlers.time_profilers import BasicTimeProfiler, HandlersTimeProfiler
 
-        self.trainer_profiler, self.evaluator_profiler = HandlersTimeProfiler(), HandlersTimeProfiler()
+        self.trainer_profiler, self.evaluator_profiler = HandlersTimeProfiler(), BasicTimeProfiler()
         self.trainer_profiler.attach(trainer)
         self.evaluator_profiler.attach(evaluator)
         self.validations: list[dict[str, float]] = []
@@ -78,44 +79,24 @@ class EpochSplit:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_done)
         self._seen = {"data": 0, "step": 0}
         self._epoch_start = time.perf_counter()
-        self.evaluator = evaluator
-        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: setattr(self, "_epoch_start", time.perf_counter()))
 
-    def _epoch_started(self, engine) -> None:
-        """The profiler re-adds its timers at every run of an engine; the evaluator runs once per epoch, so its timers
-        from the last run come off before the next (else every time is counted once more per epoch)."""
+    def _validation_done(self, engine) -> None:
+        """The evaluator's run, read as it completes: data, forward (inferer and postprocessing), the metrics (the
+        handlers of ITERATION_COMPLETED and EPOCH_COMPLETED: the metrics' updates and computations, with any other
+        handler there) and the other handlers."""
         from ignite.engine import Events
 
         p = self.evaluator_profiler
-        for handler, event in (
-            (p._processing_timer.reset, Events.ITERATION_STARTED),
-            (p._timeit_processing, Events.ITERATION_COMPLETED),
-            (p._dataflow_timer.reset, Events.GET_BATCH_STARTED),
-            (p._timeit_dataflow, Events.GET_BATCH_COMPLETED),
-            (p._detach_profiler_handlers, Events.COMPLETED),
-        ):
-            if self.evaluator.has_event_handler(handler, event):
-                self.evaluator.remove_event_handler(handler, event)
-        self._epoch_start = time.perf_counter()
-
-    @staticmethod
-    def _handler_totals(profiler) -> dict[str, float]:
-        totals: dict[str, float] = defaultdict(float)
-        for handlers in profiler.event_handlers_times.values():
-            for name, times in handlers.items():
-                totals[name] += float(sum(times))
-        return totals
-
-    def _validation_done(self, engine) -> None:
-        p = self.evaluator_profiler
-        handlers = self._handler_totals(p)
-        metrics = sum(t for name, t in handlers.items() if "Metric" in name or "metric" in name)
+        handlers = {event: float(times.sum()) for event, times in p.event_handlers_times.items()}
+        handlers.pop(Events.COMPLETED, None)  # not measured until after this handler
+        metrics = handlers.pop(Events.ITERATION_COMPLETED, 0.0) + handlers.pop(Events.EPOCH_COMPLETED, 0.0)
         self.validations.append(
             {
-                "val_data": float(sum(p.dataflow_times)),
-                "val_forward": float(sum(p.processing_times)),  # inferer + postprocessing
+                "val_data": float(p.dataflow_times.sum()),
+                "val_forward": float(p.processing_times.sum()),  # inferer + postprocessing
                 "val_metrics": metrics,
-                "val_handlers": sum(handlers.values()) - metrics,
+                "val_handlers": sum(handlers.values()),
             }
         )
 
@@ -333,7 +314,7 @@ def run_wsi(args) -> dict:
     def forward_only(inferer) -> float:
         start = time.perf_counter()
         for batch in batches:
-            inferer._forward(batch)
+            inferer.infer_patches(batch)
         _sync(dev)
         return time.perf_counter() - start
 

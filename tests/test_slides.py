@@ -108,6 +108,32 @@ def test_otsu_and_tissue_mask_find_the_stained_area():
     assert otsu_threshold(np.r_[np.full(100, 0.1), np.full(100, 0.8)]) == pytest.approx(0.45, abs=0.36)
 
 
+def hand_otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold as the project wrote it by hand before it used scikit-image's."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    between = w0 * w1 * (m0 / np.maximum(w0, 1) - (m0[-1] - m0) / np.maximum(w1, 1)) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def test_otsu_is_scikit_images_and_equals_the_former_hand_formula():
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(0)
+    cases = [rng.beta(a, b, 5000) for a, b in ((0.5, 3.0), (2.0, 2.0), (5.0, 1.0))]
+    cases += [np.r_[rng.normal(0.05, 0.01, 3000), rng.normal(0.4, 0.05, 1000)].clip(0, 1), np.full(10, 0.3)]
+    cases += [np.r_[np.full(100, 0.1), np.full(100, 0.8)], rng.integers(0, 3, 400) / 255.0]
+    for values in cases:
+        assert otsu_threshold(values) == hand_otsu(values)
+    # on data that fills the histogram's range, scikit-image on the values themselves cuts in the same bin
+    values = np.r_[0.0, 1.0, cases[1]]
+    assert abs(otsu_threshold(values) - threshold_otsu(values, nbins=256)) <= 1 / 256
+
+
 def test_geojson_polygons_with_holes_cover_the_mask_in_level0_pixels():
     from skimage.draw import polygon as fill_polygon
 
@@ -613,7 +639,7 @@ def test_a_slide_that_fails_midway_leaves_nothing_and_the_others_finish(tmp_path
     first = write_slide(tmp_path / "first.tif", shape=(512, 512), blocks=tissue)
     second = write_slide(tmp_path / "second.tif", shape=(512, 512), blocks=tissue)
     inferer = SlideInferer(net, tmp_path / "out", patch_size=256, progress=False)
-    forward, calls = inferer._forward, []
+    forward, calls = inferer.infer_patches, []
 
     def failing(patches):  # the first slide's network pass fails (as a damaged tile or a full GPU would)
         calls.append(len(patches))
@@ -621,7 +647,7 @@ def test_a_slide_that_fails_midway_leaves_nothing_and_the_others_finish(tmp_path
             raise OSError("damaged tile")
         return forward(patches)
 
-    monkeypatch.setattr(inferer, "_forward", failing)
+    monkeypatch.setattr(inferer, "infer_patches", failing)
     with pytest.raises(RuntimeError, match=r"(?s)1 of 2 slide\(s\) failed.*first.tif: OSError: damaged tile"):
         inferer.run([first, second])
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith((".", "slides_summary")))

@@ -222,17 +222,18 @@ def slide_problems(
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]: the cut that maximises the between-class variance."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    hist = hist.astype(np.float64)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
+    """Otsu's threshold of values in [0, 1] (scikit-image's ``threshold_otsu``) on a histogram of ``bins`` bins over
+    [0, 1]: the upper edge of the last bin of the lower class. Values in fewer than two bins: the first bin's edge."""
+    from skimage.filters import threshold_otsu
+
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    used = np.flatnonzero(counts)
+    if len(used) < 2:
+        return float(edges[1])
+    # the histogram from its first to its last non-empty bin (scikit-image's class means are undefined on empty
+    # ends), each bin named by its upper edge: the threshold is that edge
+    low, high = used[0], used[-1] + 1
+    return float(threshold_otsu(hist=(counts[low:high], edges[low + 1 : high + 1])))
 
 
 def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.07) -> tuple[np.ndarray, float]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.metrics import compute_dice, compute_iou
+from monai.metrics import compute_confusion_matrix_metric, compute_dice, compute_iou, get_confusion_matrix
 
 from monai_wsl.utils import atomic_write
 
@@ -35,13 +35,12 @@ def _scores(seg: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     """F1+, F1-, IoU+, IoU- and the pixel false-positive rate of one image (``(1, *spatial)`` binary maps), NaN
     where the ground-truth region the score is about is empty (MONAI's ``ignore_empty=True``)."""
     s, g = seg.float()[None], gt.float()[None]
-    fp, tn = float((s * (1 - g)).sum()), float(((1 - s) * (1 - g)).sum())
     return {
         "f1_pos": float(compute_dice(s, g, ignore_empty=True)),
         "f1_neg": float(compute_dice(1 - s, 1 - g, ignore_empty=True)),
         "iou_pos": float(compute_iou(s, g, ignore_empty=True)),
         "iou_neg": float(compute_iou(1 - s, 1 - g, ignore_empty=True)),
-        "fpr": fp / (fp + tn) if fp + tn > 0 else math.nan,
+        "fpr": float(compute_confusion_matrix_metric("fpr", get_confusion_matrix(s, g))),
     }
 
 
