@@ -21,7 +21,7 @@ from monai_wsl.inferers import (  # noqa: E402
     resolve_backend,
     with_backend,
 )
-from monai_wsl.inferers.backends import export_paths  # noqa: E402
+from monai_wsl.inferers.onnx_export import export_paths  # noqa: E402
 from monai_wsl.networks import CAMClassifier, MaskOutput, MaxMinUncertaintyNet  # noqa: E402
 
 #: the largest difference between ONNX Runtime's outputs and eager PyTorch's allowed here; measured on these networks

@@ -162,7 +162,7 @@ def test_two_shards_give_the_outputs_of_one_process_and_one_table(tmp_path, net,
 def test_a_killed_run_resumes_without_redoing_finished_slides(tmp_path, net, slides, monkeypatch):
     out = tmp_path / "out"
     run = inferer(net, out)
-    forward, seen = run._forward, []
+    forward, seen = run.infer_patches, []
 
     def killed_on_the_fourth_slide(patches):
         seen.append(len(patches))
@@ -170,7 +170,7 @@ def test_a_killed_run_resumes_without_redoing_finished_slides(tmp_path, net, sli
             raise KeyboardInterrupt
         return forward(patches)
 
-    monkeypatch.setattr(run, "_forward", killed_on_the_fourth_slide)
+    monkeypatch.setattr(run, "infer_patches", killed_on_the_fourth_slide)
     (out).mkdir()
     (out / ".slide3_map.tif.0123abcd.partial").write_bytes(b"half")  # what a SIGKILL leaves behind
     with pytest.raises(KeyboardInterrupt):
@@ -180,7 +180,7 @@ def test_a_killed_run_resumes_without_redoing_finished_slides(tmp_path, net, sli
     finished = {s.stem: (out / f"{s.stem}_map.tif").stat().st_mtime_ns for s in slides[:3]}
 
     seen.clear()
-    monkeypatch.setattr(run, "_forward", lambda p: seen.append(len(p)) or forward(p))
+    monkeypatch.setattr(run, "infer_patches", lambda p: seen.append(len(p)) or forward(p))
     summaries = run.run(slides)
     assert sum(seen) == sum(TISSUE_BLOCKS[3:])  # only the two slides left ran
     assert [s["patches_run"] for s in summaries] == list(TISSUE_BLOCKS)
@@ -194,7 +194,7 @@ def test_a_killed_run_resumes_without_redoing_finished_slides(tmp_path, net, sli
 def test_a_failed_slide_is_in_the_table_with_its_error_and_runs_again(tmp_path, net, slides, monkeypatch):
     out = tmp_path / "out"
     run = inferer(net, out)
-    forward, calls = run._forward, []
+    forward, calls = run.infer_patches, []
 
     def failing(patches):
         calls.append(len(patches))
@@ -202,7 +202,7 @@ def test_a_failed_slide_is_in_the_table_with_its_error_and_runs_again(tmp_path, 
             raise OSError("damaged tile")
         return forward(patches)
 
-    monkeypatch.setattr(run, "_forward", failing)
+    monkeypatch.setattr(run, "infer_patches", failing)
     with pytest.raises(RuntimeError, match=r"(?s)1 of 2 slide\(s\) failed.*slide0.tif: OSError: damaged tile"):
         run.run(slides[:2])
     rows = table(out)

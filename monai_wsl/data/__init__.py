@@ -18,16 +18,8 @@ from .glas import (
     read_split_csv,
     stratified_split,
 )
-from .slide_outputs import (
-    SlideWriter,
-    class_summary,
-    read_slide_status,
-    run_summary,
-    slide_output_paths,
-    slide_outputs_complete,
-    slides_table,
-    write_slides_table,
-)
+from .slide_outputs import SlideWriter, class_summary, run_summary, slide_output_paths
+from .slide_records import read_slide_status, slide_outputs_complete, slides_table, write_slides_table
 from .slides import (
     SLIDE_SUFFIXES,
     ArrayPlane,

@@ -1,13 +1,18 @@
 """Many slides over many processes: each process (a rank of ``torchrun``, or a ``--shard i/n`` started by hand) takes a
 disjoint share of the slides, balanced by tissue area (:func:`balanced_shares`), and the ranks of ``torchrun`` meet
 through a ``torch.distributed`` gloo group (:class:`SlideShards`) to agree on the shares and to wait for each other
-before the summary table is written."""
+before the summary table is written. :func:`run_share` runs this process's share with a slide inferer: complete slides
+skipped, each slide's outcome recorded, one table of all the slides at the end."""
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import math
 import os
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +20,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["parse_shard", "balanced_shares", "tissue_area_estimate", "SlideShards"]
+from monai_wsl.data.slide_outputs import slide_output_paths
+from monai_wsl.data.slide_records import slide_outputs_complete, write_slide_status, write_slides_table
+
+__all__ = ["parse_shard", "balanced_shares", "tissue_area_estimate", "SlideShards", "remove_leftovers", "run_share"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +127,96 @@ class SlideShards:
         """Wait for every rank (under ``torchrun``; else nothing to wait for)."""
         if self.distributed:
             dist.barrier(group=self.group)
+
+
+def remove_leftovers(output_dir: Path, stem: str) -> None:
+    """The temporary files and folder of an earlier run of slide ``stem`` in ``output_dir`` that was killed (no other
+    process runs this slide: the shares are disjoint)."""
+    if not output_dir.is_dir():
+        return
+    names = [p.name for p in slide_output_paths(output_dir, stem, True).values()]
+    leftovers = [p for name in names for p in output_dir.glob(f".{glob.escape(name)}.*.partial")]
+    leftovers += output_dir.glob(f".{glob.escape(stem)}.work.*")
+    for path in leftovers:
+        logger.info(f"removing {path.name}, left by a run of {stem} that was stopped")
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _my_share(inferer: Any, slides: list[Path], shards: SlideShards, settings: dict, overwrite: bool) -> tuple:
+    """This process's slides (indices) and every slide's weight: its tissue area (under ``torchrun`` a complete slide
+    weighs nothing: the ranks see the same outputs, only the work left is shared)."""
+
+    def weigh(i: int) -> float:
+        if shards.distributed and not overwrite:
+            if slide_outputs_complete(inferer.output_dir, slides[i].stem, settings) is None:
+                return 0.0
+        try:
+            return tissue_area_estimate(slides[i], inferer.backend, inferer.min_saturation)
+        except Exception as e:  # the slide's own run will say what is wrong with it
+            logger.warning(f"slide {slides[i]}: no tissue estimate ({type(e).__name__}: {e}); weighed as 0")
+            return 0.0
+
+    weights = shards.compute(weigh, len(slides))
+    mine = balanced_shares(weights, shards.world_size)[shards.rank]
+    if shards.world_size > 1:
+        logger.info(
+            f"[shard {shards.label}] {len(mine)} of {len(slides)} slide(s), {sum(weights[i] for i in mine) / 1e6:.1f} "
+            f"of {sum(weights) / 1e6:.1f} Mpx of tissue (level 0): " + ", ".join(slides[i].name for i in mine)
+        )
+    return mine, weights
+
+
+def _run_one(inferer: Any, slide: Path, record: dict, settings: dict, overwrite: bool, where: str) -> dict | None:
+    """One slide of the share: skipped when complete, else run; its outcome recorded in ``.status/``. Returns its
+    summary; raises nothing (a failed slide's record says why, and None comes back)."""
+    output_dir, start = inferer.output_dir, time.perf_counter()
+    remove_leftovers(output_dir, slide.stem)
+    problem = "overwrite" if overwrite else slide_outputs_complete(output_dir, slide.stem, settings)
+    if problem is None:
+        logger.info(f"{where}{slide.name}: its outputs are complete, skipped")
+        write_slide_status(output_dir, slide.stem, {**record, "status": "skipped-complete"})
+        return json.loads((output_dir / f"{slide.stem}.json").read_text())
+    if (output_dir / f"{slide.stem}.json").exists():
+        logger.info(f"{where}{slide.name}: run again: {problem}")
+    summary = None
+    try:
+        summary = inferer(slide)
+        record["status"], record["error"] = "done", None
+    except Exception as e:  # a slide that fails (a damaged tile, a full disk) does not stop the others
+        logger.error(f"slide {slide} failed ({type(e).__name__}: {e}); nothing of it was written", exc_info=True)
+        record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    write_slide_status(output_dir, slide.stem, record)
+    return summary
+
+
+def run_share(inferer: Any, slides: list[Path], shards: SlideShards, settings: dict, overwrite: bool) -> list[dict]:
+    """Run this process's share of ``slides`` with ``inferer`` (a :class:`~monai_wsl.inferers.SlideInferer`; see its
+    ``run``), then write the table of all of them (under ``torchrun``: rank 0, once every rank is done). Raises a
+    ``RuntimeError`` listing the slides that failed once the others are done. Returns the summaries of this process's
+    slides, run or skipped."""
+    mine, weights = _my_share(inferer, slides, shards, settings, overwrite)
+    where = f"[shard {shards.label}] " if shards.world_size > 1 else ""
+    summaries, failed = [], []
+    for i in mine:
+        record = {"slide": str(slides[i].absolute()), "shard": shards.label, "tissue_area_estimate_px": weights[i]}
+        summary = _run_one(inferer, slides[i], record, settings, overwrite, where)
+        if summary is None:
+            failed.append(f"{slides[i]}: {record['error']}")
+        else:
+            summaries.append(summary)
+    shards.barrier()  # under torchrun, rank 0 writes the table once every rank's slides are recorded
+    if shards.rank == 0 or not shards.distributed:
+        extra = {"processes": shards.world_size, "torchrun": shards.distributed}
+        rows = write_slides_table(inferer.output_dir, slides, settings, extra)
+        counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+        logger.info(
+            f"{where}slides: {', '.join(f'{n} {s}' for s, n in counts.items())}; the table of all: "
+            f"{(inferer.output_dir / 'slides_summary.csv').resolve()}"
+        )
+    shards.barrier()  # no rank stops (and torchrun stops the others) before the table is written
+    if failed:
+        raise RuntimeError(
+            f"{where}{len(failed)} of {len(mine)} slide(s) failed, the others are done:\n  " + "\n  ".join(failed)
+        )
+    return summaries

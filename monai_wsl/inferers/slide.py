@@ -5,8 +5,6 @@ through ``WSIReader`` (:class:`~monai_wsl.inferers.splitter.TissueWSISplitter`),
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import shutil
 import tempfile
@@ -23,43 +21,33 @@ from monai.transforms import ScaleIntensityRange
 from monai.utils import convert_to_tensor
 
 from monai_wsl.data.check import DataError, warn_if_synthetic
-from monai_wsl.data.slide_outputs import (
-    SlideWriter,
-    class_summary,
-    run_summary,
-    slide_output_paths,
-    slide_outputs_complete,
-    write_slide_status,
-    write_slides_table,
-)
-from monai_wsl.data.slides import ArrayPlane, ZeroMap, read_region, slide_problems, survey_slide
+from monai_wsl.data.slide_outputs import SlideWriter, class_summary, run_summary
+from monai_wsl.data.slides import ArrayPlane, ZeroMap, read_region, slide_problems
+from monai_wsl.networks.utils import binary_entropy, spatial_flips
 
-from .backends import OnnxNetwork, weights_digest, with_backend
-from .shard import SlideShards, balanced_shares, tissue_area_estimate
-from .splitter import TissueWSISplitter, choose_merger
+from .backends import OnnxNetwork, with_backend
+from .onnx_export import weights_digest
+from .shard import SlideShards, run_share
+from .splitter import TissueWSISplitter, choose_merger, plan_slide
 
 __all__ = ["TissueWSISplitter", "SlideInferer", "binary_entropy"]
 
 logger = logging.getLogger(__name__)
 
-
-def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """The entropy of a Bernoulli probability, in bits: 0 where ``p`` is 0 or 1, 1 at 0.5."""
-    p = p.clamp(0.0, 1.0)
-    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / np.log(2.0)
+#: the attributes a slide's outputs depend on (:meth:`SlideInferer.settings`, with the weights' SHA-256)
+_SETTINGS = (
+    "level", "mpp", "patch_size", "overlap", "min_tissue", "min_saturation", "threshold", "uncertainty",
+    "class_names", "positive_class", "region_name", "thumbnail_size", "geojson_max_side",
+)  # fmt: skip
 
 
 class SlideInferer:
-    """A weakly-supervised localizer over whole slides. For each slide: a tissue mask from a low-resolution level
-    (the smallest of at least ``thumbnail_size`` pixels; Otsu on saturation), MONAI's ``PatchInferer`` over the
-    tissue patches of the chosen level (batched, with an overlap, a progress bar), and the files
-    :class:`~monai_wsl.data.slide_outputs.SlideWriter` names after the slide in ``output_dir``: the mask probability
-    as a pyramidal TIFF, a thumbnail, the regions as GeoJSON, and a JSON summary, written last (it lists the other
-    files, their sizes and the :meth:`settings`: what makes a slide complete). Over many slides, :meth:`run` takes
-    this process's share (``torchrun`` or ``shard``) and skips complete slides. With ``uncertainty``, each patch's
-    mask is averaged over four test-time flips (none, horizontal, vertical, both) and the binary entropy of that
-    mean, merged as the map is, is written as a map too. The same network pass serves a region of a slide
-    (:meth:`infer_region`, as MONAI Label's pathology workflow sends it).
+    """A weakly-supervised localizer over whole slides. For each slide: the plan (:func:`plan_slide`: tissue by Otsu
+    on saturation at a low level, the tissue patches), MONAI's ``PatchInferer`` over those patches (batched, with an
+    overlap, a progress bar), and the files :class:`~monai_wsl.data.slide_outputs.SlideWriter` names after the slide
+    (map TIFF, thumbnail, GeoJSON, and last the JSON summary that makes the slide complete). :meth:`run` takes this
+    process's share of many slides; with ``uncertainty`` each patch's mask is averaged over four flips and its binary
+    entropy is a map too; :meth:`infer_region` serves a region (MONAI Label's pathology workflow).
 
     Args:
         network: a ``WSLNet`` (or ``MaskOutput``) with ``predict(x) -> {"mask", "logits"}``.
@@ -146,22 +134,7 @@ class SlideInferer:
     def settings(self) -> dict:
         """What a slide's outputs depend on, as its ``<stem>.json`` records it (``"settings"``): a rerun skips a slide
         whose outputs are complete and were made with the same settings and weights (``"model"``: their SHA-256)."""
-        return {
-            "level": self.level,
-            "mpp": self.mpp,
-            "patch_size": self.patch_size,
-            "overlap": self.overlap,
-            "min_tissue": self.min_tissue,
-            "min_saturation": self.min_saturation,
-            "threshold": self.threshold,
-            "uncertainty": self.uncertainty,
-            "class_names": self.class_names,
-            "positive_class": self.positive_class,
-            "region_name": self.region_name,
-            "thumbnail_size": self.thumbnail_size,
-            "geojson_max_side": self.geojson_max_side,
-            "model": weights_digest(self.network),
-        }
+        return {**{name: getattr(self, name) for name in _SETTINGS}, "model": weights_digest(self.network)}
 
     # ------------------------------------------------------------------ checks
     def check(self, slides: Sequence[str | Path]) -> None:
@@ -180,11 +153,9 @@ class SlideInferer:
         if isinstance(self.network, OnnxNetwork):
             self.network.session((self.patch_size, self.patch_size))
         self._checked = [Path(s) for s in slides]
+        where = self.output_dir.resolve()
         logger.info(
-            "checked %d slide(s); the network runs on %s; outputs go to %s",
-            len(slides),
-            self.inference_backend,
-            self.output_dir.resolve(),
+            f"checked {len(slides)} slide(s); the network runs on {self.inference_backend}; outputs go to {where}"
         )
 
     def network_min_size(self) -> int:
@@ -192,13 +163,13 @@ class SlideInferer:
 
     # ------------------------------------------------------------------ the network pass
     @torch.no_grad()
-    def _forward(self, patches: torch.Tensor, probs: list | None = None) -> torch.Tensor:
+    def infer_patches(self, patches: torch.Tensor, probs: list | None = None) -> torch.Tensor:
         """The masks ``(B, 1, H, W)`` of a ``(B, 3, H, W)`` uint8 batch (with ``uncertainty``: ``(B, 2, H, W)``, the
         mask averaged over four flips and its binary entropy); its class probabilities are appended to ``probs``
         (default: the slide's, ``self._probs``)."""
         x = self.preprocessing(patches.to(self.device).float())
         x = convert_to_tensor(x, track_meta=False)
-        flips: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1)) if self.uncertainty else ((),)
+        flips = spatial_flips(x.ndim - 2) if self.uncertainty else [()]
         if len(flips) > 1:
             x = torch.cat([x.flip(f) if f else x for f in flips])
         with torch.autocast("cuda") if self.amp else nullcontext():
@@ -215,13 +186,8 @@ class SlideInferer:
         return mask.cpu()
 
     def _patch_inferer(self, splitter: Any, merger_cls: Any = AvgMerger, **merger_kwargs: Any) -> PatchInferer:
-        return PatchInferer(
-            splitter=splitter,
-            merger_cls=merger_cls,
-            batch_size=self.batch_size,
-            match_spatial_shape=True,
-            **merger_kwargs,
-        )
+        kwargs = {"batch_size": self.batch_size, "match_spatial_shape": True, **merger_kwargs}
+        return PatchInferer(splitter=splitter, merger_cls=merger_cls, **kwargs)
 
     def infer_region(
         self, slide: str | Path, location: Sequence[int], size: Sequence[int], level: int | None = None
@@ -243,7 +209,7 @@ class SlideInferer:
         self.network.eval()
         probs: list[torch.Tensor] = []  # this call's own (calls from several threads do not mix)
         splitter = SlidingWindowSplitter(self.patch_size, overlap=self.overlap, pad_mode="constant", pad_value=255)
-        mask = self._patch_inferer(splitter)(image, lambda patches: self._forward(patches, probs))
+        mask = self._patch_inferer(splitter)(image, lambda patches: self.infer_patches(patches, probs))
         out = {"mask": mask[0, 0].numpy(), "prob": torch.cat(probs).mean(0).numpy()}
         if self.uncertainty:
             out["uncertainty"] = mask[0, 1].numpy()
@@ -251,25 +217,19 @@ class SlideInferer:
 
     # ------------------------------------------------------------------ one slide
     def prepare(self, slide: str | Path) -> dict:
-        """Open a slide and plan its run: the level, its downsample and microns per pixel, the tissue mask (and the
-        low-resolution image it was found on) and the :class:`TissueWSISplitter` with its grid."""
-        slide = Path(slide)
-        setup = survey_slide(
-            slide, self.backend, self.level, self.mpp, self.patch_size, self.thumbnail_size, self.min_saturation
-        )
-        splitter = TissueWSISplitter(
+        """The plan of a slide's run (:func:`~monai_wsl.inferers.splitter.plan_slide`)."""
+        return plan_slide(
+            slide,
+            self.backend,
+            self.level,
+            self.mpp,
             self.patch_size,
             self.overlap,
-            setup["tissue"],
-            setup.pop("tissue_downsample"),
-            setup["level_downsample"],
             self.min_tissue,
-            # tifffile's reader shares one unlocked file handle: threads only where reads are thread-safe
-            self.num_workers if self.backend.lower() in ("openslide", "cucim") else 0,
-            reader=self.backend,
-            level=setup["level"],
+            self.min_saturation,
+            self.thumbnail_size,
+            self.num_workers,
         )
-        return {**setup, "splitter": splitter, "plan": splitter.plan(str(slide))}
 
     def __call__(self, slide: str | Path) -> dict:
         """Run one slide and write its files (:mod:`monai_wsl.data.slide_outputs`); returns its summary (the content
@@ -307,121 +267,33 @@ class SlideInferer:
 
         plan, shape = setup["plan"], setup["plan"]["shape"]
         n_run = len(plan["tissue_positions"])
-        if n_run == 0:
-            logger.warning(
-                f"slide {slide}: no tissue found (saturation threshold {setup['saturation']:.3f}, min_tissue "
-                f"{self.min_tissue}): nothing was run and its map is empty. If the slide has tissue, lower "
-                "--min_saturation or --min_tissue."
-            )
+        if n_run == 0:  # plan_slide said so
             return "none", ZeroMap(shape), ZeroMap(shape) if self.uncertainty else None
         merger_cls, kwargs = choose_merger(shape, 1 + self.uncertainty, self.merger, self.max_memory_mb, workdir)
         with tqdm(total=n_run, desc=f"{slide.stem}", unit="patch", disable=not self.progress) as self._bar:
             with np.errstate(invalid="ignore"):  # 0 / 0 where no patch ran: NaN, written as 0
-                merged = self._patch_inferer(setup["splitter"], merger_cls, **kwargs)(str(slide), self._forward)
+                merged = self._patch_inferer(setup["splitter"], merger_cls, **kwargs)(str(slide), self.infer_patches)
         self._bar = None
         in_memory = isinstance(merged, torch.Tensor)
-        plane = merged[0, 0].numpy() if in_memory else ArrayPlane(merged)
-        uncertain = None
-        if self.uncertainty:
-            uncertain = merged[0, 1].numpy() if in_memory else ArrayPlane(merged, 1)
-        return merger_cls.__name__, plane, uncertain
+        planes = [merged[0, c].numpy() if in_memory else ArrayPlane(merged, c) for c in range(1 + self.uncertainty)]
+        return merger_cls.__name__, planes[0], planes[1] if self.uncertainty else None
 
     def run(
         self, slides: Sequence[str | Path], shard: str | Sequence[int] | None = None, overwrite: bool = False
     ) -> list[dict]:
-        """Check all slides (unless :meth:`check` has just checked these), then run this process's share of them (see
-        :meth:`__call__`) and write the table of all of them. A slide that fails is reported and the others run, then
-        a ``RuntimeError`` lists the failures.
-
-        The share (:class:`~monai_wsl.inferers.shard.SlideShards`): under ``torchrun``, this rank's; else ``shard``
-        ``"i/n"``; else all. The slides are shared out by their tissue area (:func:`balanced_shares`; under
-        ``torchrun`` a slide already complete weighs nothing). A slide whose outputs are complete
-        (:func:`~monai_wsl.data.slide_outputs.slide_outputs_complete`: all its files, made with these
-        :meth:`settings`) is skipped unless ``overwrite``; one stopped midway is run again. Each slide's outcome is
-        recorded in ``.status/<stem>.json``; at the end (under ``torchrun``: rank 0, once every rank is done; else each
-        process, the last one seeing all) ``slides_summary.csv`` and ``slides_summary.json`` list every slide with
-        its status (``done``, ``skipped-complete``, ``failed`` with the error, ``pending`` for a share not run yet),
-        tissue area, patches, seconds and regions. Returns the summaries of this process's slides, run or skipped."""
+        """Check all slides (unless :meth:`check` has just checked these), then run this process's share of them
+        (:func:`~monai_wsl.inferers.shard.run_share`): under ``torchrun`` this rank's, else ``shard`` ``"i/n"``, else
+        all, shared out by tissue area. A slide whose outputs are complete with these :meth:`settings` is skipped
+        unless ``overwrite``; one stopped midway runs again; one that fails is reported and the others run, then a
+        ``RuntimeError`` lists the failures. Each slide's outcome goes to ``.status/<stem>.json`` and, at the end,
+        ``slides_summary.csv`` / ``.json`` list every slide (status ``done``, ``skipped-complete``, ``failed`` with the
+        error, ``pending``; tissue area, patches, seconds, regions). Returns this process's slides' summaries."""
         slides = [Path(s) for s in slides]
         if slides != self._checked:
             self.check(slides)
         with SlideShards(shard) as shards:
             try:
                 self._settings = settings = self.settings()
-                return self._run_share(slides, shards, settings, overwrite)
+                return run_share(self, slides, shards, settings, overwrite)
             finally:
                 self._settings = None
-
-    def _remove_leftovers(self, stem: str) -> None:
-        """The temporary files and folder of an earlier run of slide ``stem`` that was killed (no other process runs
-        this slide: the shares are disjoint)."""
-        if not self.output_dir.is_dir():
-            return
-        names = [p.name for p in slide_output_paths(self.output_dir, stem, True).values()]
-        leftovers = [p for name in names for p in self.output_dir.glob(f".{glob.escape(name)}.*.partial")]
-        leftovers += self.output_dir.glob(f".{glob.escape(stem)}.work.*")
-        for path in leftovers:
-            logger.info(f"removing {path.name}, left by a run of {stem} that was stopped")
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-    def _run_share(self, slides: list[Path], shards: SlideShards, settings: dict, overwrite: bool) -> list[dict]:
-        def complete(i: int) -> bool:
-            return not overwrite and slide_outputs_complete(self.output_dir, slides[i].stem, settings) is None
-
-        def weigh(i: int) -> float:
-            if shards.distributed and complete(i):  # the ranks see the same outputs: only the work left is shared
-                return 0.0
-            try:
-                return tissue_area_estimate(slides[i], self.backend, self.min_saturation)
-            except Exception as e:  # the slide's own run will say what is wrong with it
-                logger.warning(f"slide {slides[i]}: no tissue estimate ({type(e).__name__}: {e}); weighed as 0")
-                return 0.0
-
-        weights = shards.compute(weigh, len(slides))
-        mine = balanced_shares(weights, shards.world_size)[shards.rank]
-        where = f"[shard {shards.label}] " if shards.world_size > 1 else ""
-        if shards.world_size > 1:
-            logger.info(
-                f"{where}{len(mine)} of {len(slides)} slide(s), {sum(weights[i] for i in mine) / 1e6:.1f} of "
-                f"{sum(weights) / 1e6:.1f} Mpx of tissue (level 0): " + ", ".join(slides[i].name for i in mine)
-            )
-        summaries, failed = [], []
-        for i in mine:  # a slide that fails (a damaged tile, a full disk) does not stop the others
-            slide, start = slides[i], time.perf_counter()
-            record = {"slide": str(slide.absolute()), "shard": shards.label, "tissue_area_estimate_px": weights[i]}
-            self._remove_leftovers(slide.stem)
-            problem = "overwrite" if overwrite else slide_outputs_complete(self.output_dir, slide.stem, settings)
-            if problem is None:
-                summaries.append(json.loads((self.output_dir / f"{slide.stem}.json").read_text()))
-                logger.info(f"{where}{slide.name}: its outputs are complete, skipped")
-                write_slide_status(self.output_dir, slide.stem, {**record, "status": "skipped-complete"})
-                continue
-            if (self.output_dir / f"{slide.stem}.json").exists():
-                logger.info(f"{where}{slide.name}: run again: {problem}")
-            try:
-                summaries.append(self(slide))
-                record["status"], record["error"] = "done", None
-            except Exception as e:
-                logger.error(
-                    f"slide {slide} failed ({type(e).__name__}: {e}); nothing of it was written", exc_info=True
-                )
-                failed.append(f"{slide}: {type(e).__name__}: {e}")
-                record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
-            record["seconds"] = round(time.perf_counter() - start, 2)
-            write_slide_status(self.output_dir, slide.stem, record)
-        shards.barrier()  # under torchrun, rank 0 writes the table once every rank's slides are recorded
-        if shards.rank == 0 or not shards.distributed:
-            extra = {"processes": shards.world_size, "torchrun": shards.distributed}
-            rows = write_slides_table(self.output_dir, slides, settings, extra)
-            counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
-            logger.info(
-                f"{where}slides: "
-                + ", ".join(f"{n} {s}" for s, n in counts.items())
-                + f"; the table of all: {(self.output_dir / 'slides_summary.csv').resolve()}"
-            )
-        shards.barrier()  # no rank stops (and torchrun stops the others) before the table is written
-        if failed:
-            raise RuntimeError(
-                f"{where}{len(failed)} of {len(mine)} slide(s) failed, the others are done:\n  " + "\n  ".join(failed)
-            )
-        return summaries

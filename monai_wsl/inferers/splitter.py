@@ -3,18 +3,24 @@ the slide that reads patches ahead of the network, and the merger that fits the 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.inferers import AvgMerger, WSISlidingWindowSplitter, ZarrAvgMerger
 
-__all__ = ["TissueWSISplitter", "choose_merger"]
+from monai_wsl.data.slides import survey_slide
+
+__all__ = ["TissueWSISplitter", "choose_merger", "plan_slide"]
+
+logger = logging.getLogger(__name__)
 
 
 class TissueWSISplitter(WSISlidingWindowSplitter):
@@ -142,3 +148,41 @@ def choose_merger(
         "chunks": chunks,
         "count_dtype": "uint8",
     }
+
+
+def plan_slide(
+    slide: str | Path,
+    backend: str,
+    level: int | None,
+    mpp: float | None,
+    patch_size: int,
+    overlap: float | int,
+    min_tissue: float,
+    min_saturation: float,
+    thumbnail_size: int,
+    num_workers: int,
+) -> dict:
+    """Open a slide and plan its run: the level, its downsample and microns per pixel, the tissue mask (and the
+    low-resolution image it was found on; :func:`~monai_wsl.data.slides.survey_slide`), the
+    :class:`TissueWSISplitter` (``"splitter"``) and its grid (``"plan"``)."""
+    setup = survey_slide(Path(slide), backend, level, mpp, patch_size, thumbnail_size, min_saturation)
+    splitter = TissueWSISplitter(
+        patch_size,
+        overlap,
+        setup["tissue"],
+        setup.pop("tissue_downsample"),
+        setup["level_downsample"],
+        min_tissue,
+        # tifffile's reader shares one unlocked file handle: threads only where reads are thread-safe
+        num_workers if backend.lower() in ("openslide", "cucim") else 0,
+        reader=backend,
+        level=setup["level"],
+    )
+    plan = splitter.plan(str(slide))
+    if len(plan["tissue_positions"]) == 0:
+        logger.warning(
+            f"slide {slide}: no tissue found (saturation threshold {setup['saturation']:.3f}, min_tissue "
+            f"{min_tissue}): nothing was run and its map is empty. If the slide has tissue, lower --min_saturation or "
+            "--min_tissue."
+        )
+    return {**setup, "splitter": splitter, "plan": plan}

@@ -7,6 +7,7 @@ Training, evaluation, inference, MONAI Label and the CAM baselines all go throug
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "resize_by",
     "as_plain_tensor",
     "spatial_flips",
+    "binary_entropy",
     "unwrap",
     "CPUSyncBatchNorm",
     "convert_sync_batchnorm",
@@ -54,6 +56,13 @@ def spatial_flips(spatial_dims: int) -> list[tuple[int, ...]]:
     for axis in range(2, 2 + spatial_dims):
         combos += [c + (axis,) for c in combos]
     return combos
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """The entropy of a Bernoulli probability, in bits: 0 where ``p`` is 0 or 1, 1 at 0.5 (the uncertainty of a mask
+    averaged over flips)."""
+    p = p.clamp(0.0, 1.0)
+    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / math.log(2.0)
 
 
 def resize_by(x: torch.Tensor, scale: float) -> torch.Tensor:
