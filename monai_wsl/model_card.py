@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ __all__ = [
     "trained_setting",
     "network_from_card",
     "load_trained_network",
+    "synthetic_model_warning",
+    "log_synthetic_model_warning",
 ]
 
 MODEL_CARD = "model_card.json"
@@ -26,6 +29,8 @@ MODEL_CARD = "model_card.json"
 INITIAL_WEIGHTS = ("pretrained", "pretrained_path")
 
 logger = logging.getLogger(__name__)
+#: the models this process has warned of (:func:`log_synthetic_model_warning`)
+_WARNED: set[str] = set()
 
 
 def read_model_card(checkpoint: str | Path) -> dict | None:
@@ -111,7 +116,32 @@ def network_from_card(checkpoint: str | Path, without_card: Mapping[str, Any] | 
         config = copy.deepcopy(recorded)
     config = _merged(config, given)
     config.update(pretrained=False, pretrained_path=None)  # INITIAL_WEIGHTS: the checkpoint's are loaded next
+    if os.environ.get("MONAI_LABEL_APP_DIR"):  # served by MONAI Label (any app): its log is where the warning goes
+        log_synthetic_model_warning(checkpoint)
     return ConfigParser({"network": config}).get_parsed_content("network")
+
+
+def synthetic_model_warning(checkpoint: str | Path) -> str | None:
+    """The warning for a served model whose card says it was trained on the embedded synthetic set (the quick start),
+    or None: its masks on histology images mean nothing."""
+    trained_on = (read_model_card(checkpoint) or {}).get("trained_on") or {}
+    if not (isinstance(trained_on, dict) and trained_on.get("synthetic")):
+        return None
+    return (
+        f"{checkpoint} was trained on the embedded synthetic set (the quick start), not on histology images: its "
+        "masks and classes on real images and slides mean nothing. Train on your data first (bundle/docs/README.md, "
+        "Train) and serve that model.pt."
+    )
+
+
+def log_synthetic_model_warning(checkpoint: str | Path) -> None:
+    """Log :func:`synthetic_model_warning`, once per model and process: a MONAI Label server's log carries it when it
+    serves such a model (the slide app at its start, any app whose network is built from the card under MONAI Label,
+    such as MONAI Label's ``monaibundle`` app running ``inference.json``)."""
+    warning = synthetic_model_warning(checkpoint)
+    if warning and str(Path(checkpoint).resolve()) not in _WARNED:
+        _WARNED.add(str(Path(checkpoint).resolve()))
+        logger.warning(warning)
 
 
 def load_trained_network(checkpoint: str | Path, without_card: Mapping[str, Any] | None = None, **settings: Any) -> Any:

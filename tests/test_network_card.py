@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -260,3 +261,26 @@ def test_a_model_without_network_def_in_its_card_is_built_from_the_configuration
     (tmp_path / MODEL_CARD).write_text(json.dumps({"network_def": ["not", "a", "config"]}))
     with pytest.raises(ValueError, match="is damaged"):
         network_from_card(checkpoint)
+
+
+def test_a_served_synthetic_set_model_is_warned_of_once_in_the_servers_log(tmp_path, caplog, monkeypatch):
+    """Under MONAI Label (its launcher sets MONAI_LABEL_APP_DIR) any app whose network is built from the card, such as
+    MONAI Label's monaibundle app running inference.json, logs that a quick-start model's masks mean nothing, once per
+    model; outside MONAI Label (the quick start's own evaluation) and for a model of other data, nothing."""
+    checkpoint = tmp_path / "model.pt"
+    card = {"trained_on": {"synthetic": True, "datalist": "bundle/data/synthetic/datalist.json"}}
+    (tmp_path / MODEL_CARD).write_text(json.dumps(card))
+    without = {"encoder": "efficientnet-lite0"}
+    caplog.set_level(logging.WARNING)
+    network_from_card(checkpoint, without_card=without)
+    assert "synthetic set" not in caplog.text
+    monkeypatch.setenv("MONAI_LABEL_APP_DIR", str(tmp_path / "app"))
+    network_from_card(checkpoint, without_card=without)
+    network_from_card(checkpoint, without_card=without)
+    warnings = [r.getMessage() for r in caplog.records if "synthetic set" in r.getMessage()]
+    assert len(warnings) == 1 and str(checkpoint) in warnings[0] and "Train on your data" in warnings[0]
+    other = tmp_path / "other" / "model.pt"
+    other.parent.mkdir()
+    (other.parent / MODEL_CARD).write_text(json.dumps({"trained_on": {"synthetic": False}}))
+    network_from_card(other, without_card=without)
+    assert len([r for r in caplog.records if "synthetic set" in r.getMessage()]) == 1

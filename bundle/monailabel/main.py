@@ -27,9 +27,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 import monai_wsl
-from monai_wsl.apps import check_region_request, region_tiles, synthetic_model_warning, unknown_image_message
+from monai_wsl.apps import check_region_request, region_tiles, unknown_image_message
 from monai_wsl.apps.monailabel import SlideRegionInferTask
 from monai_wsl.data import DataError
+from monai_wsl.model_card import log_synthetic_model_warning
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,7 @@ class WSLHistologyApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         task = SlideRegionInferTask(self.bundle_root, self.model_path)
         logger.info(f"+++ Adding Inferer:: {self.model_name} => {task} ({self.bundle_root}, {self.model_path})")
-        warning = synthetic_model_warning(self.model_path)
-        if warning:
-            logger.warning(warning)
+        log_synthetic_model_warning(self.model_path)
         return {self.model_name: task}
 
     def _known_image(self, request: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from monai_wsl.data.check import DataError
 from monai_wsl.data.slides import mask_to_geojson, opened_slide, read_region
+from monai_wsl.model_card import synthetic_model_warning
 
 __all__ = [
     "DEFAULT_LABEL_COLOR",
@@ -321,21 +322,6 @@ def region_tiles(region: SlideRegion, tile_size: Sequence[int]) -> list[dict[str
         for r in range(0, h, th)
         for c in range(0, w, tw)
     ]
-
-
-def synthetic_model_warning(checkpoint: str | Path) -> str | None:
-    """The warning for a served model whose card (``model_card.json`` beside ``checkpoint``) says it was trained on
-    the embedded synthetic set (the quick start), or None: its masks on histology images mean nothing."""
-    from monai_wsl.model_card import read_model_card
-
-    trained_on = (read_model_card(checkpoint) or {}).get("trained_on") or {}
-    if not (isinstance(trained_on, dict) and trained_on.get("synthetic")):
-        return None
-    return (
-        f"{checkpoint} was trained on the embedded synthetic set (the quick start), not on histology images: its "
-        "masks and classes on real images and slides mean nothing. Train on your data first (bundle/docs/README.md, "
-        "Train) and serve that model.pt."
-    )
 
 
 def unknown_image_message(image_id: Any, studies: str | Path) -> str:
