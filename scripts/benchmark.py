@@ -307,8 +307,13 @@ def run_wsi(args) -> dict:
             inference_backend=backend,
         )
         inferers[inferer.inference_backend] = inferer
-    setup = next(iter(inferers.values())).prepare(args.wsi)
+    first = next(iter(inferers.values()))
+    start = time.perf_counter()
+    setup = first.prepare(args.wsi)  # the plan: open the slide, find the tissue, the grid
+    plan_s = time.perf_counter() - start
+    start = time.perf_counter()
     patches = [p for p, _ in setup["splitter"](str(args.wsi))]  # the same patches, read once, kept in memory
+    read_s = time.perf_counter() - start  # reading alone, with the splitter's reader threads
     batches = [torch.cat(patches[i : i + args.batch]) for i in range(0, len(patches), args.batch)]
 
     def forward_only(inferer) -> float:
@@ -341,6 +346,14 @@ def run_wsi(args) -> dict:
             "whole_path_patches_per_s": n / best["whole"],
             "forward_only_patches_per_s": n / best["forward"],
             "ratio": best["forward"] / best["whole"],
+            # where the whole path's time goes: the plan and the reading measured apart (reading overlaps the network
+            # in the whole path, so "rest", merging and the files, is a lower bound)
+            "split_s": {
+                "plan": plan_s,
+                "read": read_s,
+                "forward": best["forward"],
+                "rest": best["whole"] - plan_s - best["forward"] - read_s,
+            },
         }
     return {
         "device": _device_name(dev),

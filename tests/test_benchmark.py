@@ -93,3 +93,28 @@ def test_map_profile_scores_the_border_band_apart_and_runs_the_model_with_its_pa
     (tmp_path / MODEL_CARD).write_text(json.dumps({"trained_on": {"padding_mode": "replicate"}}))
     replicate = profile("replicate")
     assert replicate["padding_mode"] == "replicate" and replicate["rows"] != zeros["rows"]
+
+
+@pytest.mark.slow  # two backends over a slide, the ONNX export included: about a minute on 2 cores
+def test_wsi_run_times_each_backend_on_the_same_patches_and_splits_the_time(tmp_path):
+    """--wsi: both backends run the same tissue patches of a slide; the whole path's time is split into the plan, the
+    reading, the network and the rest, which add up to it."""
+    import argparse
+
+    from monai_wsl.data import write_synthetic_slide
+
+    benchmark = load_benchmark()
+    slide = tmp_path / "slide.tif"
+    write_synthetic_slide(slide, 2, 3, tile=128, seed=0)
+    args = argparse.Namespace(
+        wsi=str(slide), encoder="efficientnet-lite0", device="cpu", checkpoint=None, out=str(tmp_path / "out"),
+        inference_backend="torch,onnxruntime", size=128, overlap=0.0, level=0, batch=4, num_workers=0, amp=False,
+        repeats=1,
+    )  # fmt: skip
+    r = benchmark.run_wsi(args)
+    assert set(r["backends"]) == {"torch", "onnxruntime"} and 0 < r["patches_run"] <= r["patches_total"]
+    for row in r["backends"].values():
+        split = row["split_s"]
+        assert split["plan"] > 0 and split["read"] > 0 and split["forward"] > 0
+        assert sum(split.values()) == pytest.approx(min(row["whole_path_s"]))
+        assert row["whole_path_patches_per_s"] == pytest.approx(r["patches_run"] / min(row["whole_path_s"]))
