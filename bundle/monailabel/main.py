@@ -2,11 +2,13 @@
 ask MONAI Label's ``/infer/wsi_v2/wsl_histology_segmentation`` for a region of a slide and get the regions of the
 localizer's mask back, as polygons in level-0 pixels (DSA JSON, ASAP XML or JSON).
 
-    monailabel start_server --app bundle/monailabel --studies FOLDER_OF_SLIDES --conf bundle bundle \\
-        --conf model bundle/models/model.pt
+    mkdir -p ~/apps/wsl_slides && cp bundle/monailabel/main.py ~/apps/wsl_slides/
+    monailabel start_server --app ~/apps/wsl_slides --studies FOLDER_OF_SLIDES --conf bundle PATH_TO/bundle \\
+        --host 127.0.0.1 --port 8000
 
-``--conf bundle`` is the bundle folder (default: the folder above this app), ``--conf model`` the trained model
-(default: ``<bundle>/models/model.pt``), ``--conf name`` the model's name in MONAI Label (default
+(MONAI Label writes its log and folders into the app's folder: a copy keeps them out of the clone.) ``--conf bundle``
+is the bundle folder (default: the folder above this app, for an app started where it is), ``--conf model`` the
+trained model (default: ``<bundle>/models/model.pt``), ``--conf name`` the model's name in MONAI Label (default
 ``wsl_histology_segmentation``). The task is :class:`monai_wsl.apps.monailabel.SlideRegionInferTask`; it builds its
 ``SlideInferer`` from the bundle's ``inference.json`` + ``inference_wsi.json``. There is no trainer: the model learns
 from image-level labels, which MONAI Label's trainers do not give; train with the bundle

@@ -339,7 +339,7 @@ class SlideWriter:
                 },
                 **classes,
                 "seconds": round(time.perf_counter() - start, 2),
-                # what completes the slide: each file and its size (see slide_outputs_complete)
+                # what completes the slide: each file and its size (see slide_records.slide_outputs_complete)
                 "files": {outputs[k].name: partial[k].stat().st_size for k in outputs if k != "json"},
             }
             partial["json"].write_text(json.dumps(summary, indent=1))
@@ -349,3 +349,11 @@ class SlideWriter:
         if uncertain is None:  # an earlier run's, which this slide's JSON no longer describes
             (self.output_dir / f"{stem}_uncertainty.tif").unlink(missing_ok=True)
         return summary
+
+
+def __getattr__(name: str) -> Any:
+    from . import slide_records  # the records and table of many slides moved there; importable here
+
+    if name in slide_records.__all__:
+        return getattr(slide_records, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

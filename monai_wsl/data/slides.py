@@ -223,7 +223,9 @@ def slide_problems(
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of values in [0, 1] (scikit-image's ``threshold_otsu``) on a histogram of ``bins`` bins over
-    [0, 1]: the upper edge of the last bin of the lower class. Values in fewer than two bins: the first bin's edge."""
+    [0, 1]: the upper edge of the last bin of the lower class. Values in fewer than two bins: the first bin's edge.
+    (scikit-image sums the counts in float32: on two cuts whose between-class variances agree to about 1e-7, it may
+    pick the other one, a bin away.)"""
     from skimage.filters import threshold_otsu
 
     counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))

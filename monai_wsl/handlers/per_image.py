@@ -40,7 +40,7 @@ def _scores(seg: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
         "f1_neg": float(compute_dice(1 - s, 1 - g, ignore_empty=True)),
         "iou_pos": float(compute_iou(s, g, ignore_empty=True)),
         "iou_neg": float(compute_iou(1 - s, 1 - g, ignore_empty=True)),
-        "fpr": float(compute_confusion_matrix_metric("fpr", get_confusion_matrix(s, g))),
+        "fpr": float(compute_confusion_matrix_metric("fpr", get_confusion_matrix(s, g).double())),
     }
 
 

@@ -47,6 +47,14 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 _INSTALL = "pip install onnxruntime onnx (dependencies of monai_wsl: pip install -e . installs them)"
 
 
+def __getattr__(name: str) -> Any:
+    if name in ("export_onnx", "OPSET", "weights_digest", "structure_digest", "export_key", "export_paths"):
+        from . import onnx_export  # moved to monai_wsl.inferers.onnx_export; importable here
+
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class StaleExportError(RuntimeError):
     """An ONNX export that does not match the network it would stand for, and may not be rebuilt."""
 
@@ -105,9 +113,9 @@ class OnnxNetwork(nn.Module):
 
     Nothing is exported until images arrive: at the first batch of each spatial size, the network's weights as they
     are then (a checkpoint loaded after this module was made included) are looked up in the export beside
-    ``checkpoint`` (see the module's doc), which is used when its sidecar matches, else rebuilt (``rebuild=False``:
-    refused with :class:`StaleExportError`). Loading other weights later (into this module or the network) is
-    noticed at the next batch, which then uses a matching export.
+    ``checkpoint`` (:mod:`monai_wsl.inferers.onnx_export`: its names and sidecar), which is used when its sidecar
+    matches, else rebuilt (``rebuild=False``: refused with :class:`StaleExportError`). Loading other weights later
+    (into this module or the network) is noticed at the next batch, which then uses a matching export.
 
     Args:
         network: a :class:`~monai_wsl.networks.WSLNet` or its ``MaskOutput`` view, with its weights (it is kept, its

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from monai_wsl.data.slide_outputs import slide_output_paths
 from monai_wsl.data.slide_records import slide_outputs_complete, write_slide_status, write_slides_table
+from monai_wsl.data.slides import find_tissue, opened_slide
 
 __all__ = ["parse_shard", "balanced_shares", "tissue_area_estimate", "SlideShards", "remove_leftovers", "run_share"]
 
@@ -62,8 +63,6 @@ def tissue_area_estimate(
 ) -> float:
     """The tissue area of a slide in level-0 pixels, from its smallest level of at least ``min_side`` pixels (brought
     to at most 1024 on the long side): cheap, and what the time a slide takes grows with."""
-    from monai_wsl.data.slides import find_tissue, opened_slide
-
     with opened_slide(slide, backend) as (reader, wsi):
         _, tissue, downsample, _ = find_tissue(reader, wsi, slide, math.inf, min_side, min_saturation)
     return float(tissue.sum()) * downsample**2
@@ -167,8 +166,9 @@ def _my_share(inferer: Any, slides: list[Path], shards: SlideShards, settings: d
 
 
 def _run_one(inferer: Any, slide: Path, record: dict, settings: dict, overwrite: bool, where: str) -> dict | None:
-    """One slide of the share: skipped when complete, else run; its outcome recorded in ``.status/``. Returns its
-    summary; raises nothing (a failed slide's record says why, and None comes back)."""
+    """One slide of the share: skipped when complete, else run; its outcome recorded in ``.status/`` and in
+    ``record`` (``status`` ``"failed"`` with the ``error`` when the slide's run raised: the others go on). Returns its
+    summary (None for a failed slide)."""
     output_dir, start = inferer.output_dir, time.perf_counter()
     remove_leftovers(output_dir, slide.stem)
     problem = "overwrite" if overwrite else slide_outputs_complete(output_dir, slide.stem, settings)
@@ -201,7 +201,7 @@ def run_share(inferer: Any, slides: list[Path], shards: SlideShards, settings: d
     for i in mine:
         record = {"slide": str(slides[i].absolute()), "shard": shards.label, "tissue_area_estimate_px": weights[i]}
         summary = _run_one(inferer, slides[i], record, settings, overwrite, where)
-        if summary is None:
+        if record.get("status") == "failed":
             failed.append(f"{slides[i]}: {record['error']}")
         else:
             summaries.append(summary)
