@@ -29,6 +29,7 @@ NOT_RUN = [
         "MONAI Label, in its own environment: scripts/monailabel_check.py runs its section as written (in CI)",
     ),
     (r"camelyon16", "the CAMELYON16 release (700 GB) is not here: tests/test_camelyon16.py runs its code on slides"),
+    (r"torchrun .*inference_wsi", "several inference processes: tests/test_slide_shard.py runs torchrun over slides"),
     (r"^torchrun ", "several training processes: tests/test_bundle.py runs multi_gpu_train.json under torchrun"),
     (r"--shard|nproc_per_node", "several inference processes: tests/test_slide_shard.py runs --shard and torchrun"),
     (r"--eval_split test", "the official GlaS test images are not in ../shared"),
