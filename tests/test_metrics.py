@@ -212,14 +212,14 @@ def test_pxap_handler_pools_an_epoch():
 def test_per_image_rows_equal_the_hand_formulas_including_empty_regions():
     """The per-image CSV's scores come from MONAI (dice, IoU, the confusion-matrix FPR): they equal the hand formulas on
     random masks, and NaN exactly where the ground truth's region is empty."""
-    from monai_wsl.handlers.per_image import _scores
+    from monai_wsl.handlers.per_image import image_scores
 
     gen = torch.Generator().manual_seed(0)
     truths = [(torch.rand(1, 9, 7, generator=gen) > q).float() for q in (0.3, 0.7)]
     truths += [torch.zeros(1, 9, 7), torch.ones(1, 9, 7)]
     for truth in truths:
         for pred in ((torch.rand(1, 9, 7, generator=gen) > 0.5).float(), torch.zeros(1, 9, 7), torch.ones(1, 9, 7)):
-            got = _scores(pred, truth)
+            got = image_scores(pred, truth)
             want = {k[4:]: v for k, v in reference_scores(pred.numpy(), truth.numpy()).items()}
             assert got.keys() == want.keys()
             for k in want:

@@ -17,7 +17,7 @@ from monai_wsl.utils import atomic_write
 
 from .images import decollated_items, item_filename
 
-__all__ = ["PerImageCSVWriter"]
+__all__ = ["PerImageCSVWriter", "image_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ SCORES = {
 }
 
 
-def _scores(seg: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+def image_scores(seg: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     """F1+, F1-, IoU+, IoU- and the pixel false-positive rate of one image (``(1, *spatial)`` binary maps), NaN
     where the ground-truth region the score is about is empty (MONAI's ``ignore_empty=True``)."""
     s, g = seg.float()[None], gt.float()[None]
@@ -111,7 +111,7 @@ class PerImageCSVWriter:
         for i, item in enumerate(decollated_items(engine)):
             seg = torch.as_tensor(item[self.seg_key]).detach().cpu()
             gt = torch.as_tensor(item[self.gt_key]).detach().cpu()
-            scores = _scores(seg, gt)
+            scores = image_scores(seg, gt)
             prob = torch.as_tensor(item[self.prob_key]).detach().cpu().flatten().tolist()
             label = int(torch.as_tensor(item[self.label_key]).flatten()[0])
             predicted = int(torch.tensor(prob).argmax())
