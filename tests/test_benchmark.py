@@ -22,7 +22,7 @@ def load_benchmark():
 def test_epoch_split_counts_each_validation_once():
     """Training steps of 20 ms, 3 validation iterations of 10 ms and a 30 ms metric-like handler per epoch: every
     epoch gets the same split (the evaluator runs once per epoch; its profiler must not count earlier runs again; the
-    metric-like handler counts as metrics)."""
+    metric-like handler counts among the end-of-epoch handlers)."""
     benchmark = load_benchmark()
     evaluator = Engine(lambda e, b: time.sleep(0.01))
 
