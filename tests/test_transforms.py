@@ -23,6 +23,7 @@ from monai_wsl.transforms import (
     RandColorJitterd,
     ResizeShortSided,
     hsv_to_rgb,
+    intensity_on_tensors,
     rgb_to_hsv,
 )
 
@@ -261,3 +262,33 @@ def test_resize_short_side_keeps_the_aspect_ratio_and_the_masks_binary():
     assert tuple(small.shape) == (3, 240, 480)  # enlarged, so that a 224 crop always fits
     with pytest.raises(ValueError, match="size must be >= 1"):
         ResizeShortSided(keys="image", size=0)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(0, 255, -1.0, 1.0, True), (0, 255, 0.0, 1.0, False), (10, 200, -2.0, 3.0, True), (255, 0, -1.0, 1.0, True)],
+)
+def test_intensity_on_tensors_equals_scale_intensity_range(args):
+    """The slide path's plain-tensor intensity transform gives MONAI's ScaleIntensityRange's values (clipped or not,
+    other ranges, a reversed input range, which takes MONAI's own path), as a plain tensor."""
+    from monai.transforms import ScaleIntensityRange
+
+    transform = ScaleIntensityRange(*args[:4], clip=args[4])
+    x = torch.from_numpy(RNG.integers(0, 256, (2, 3, 17, 9)).astype(np.float32))
+    before = x.clone()
+    ours = intensity_on_tensors(transform, x)
+    assert type(ours) is torch.Tensor and ours.dtype == torch.float32
+    assert torch.allclose(ours, torch.as_tensor(transform(x.clone())), atol=1e-6)
+    assert torch.equal(x, before)  # the input is left as it was
+    if args[4]:
+        assert ours.min() >= min(args[2:4]) and ours.max() <= max(args[2:4])
+
+
+def test_intensity_on_tensors_calls_any_other_transform():
+    from monai.transforms import NormalizeIntensity
+
+    x = MetaTensor(torch.arange(24, dtype=torch.float32).view(1, 2, 3, 4))
+    ours = intensity_on_tensors(NormalizeIntensity(), x)
+    assert type(ours) is torch.Tensor
+    assert torch.allclose(ours, torch.as_tensor(NormalizeIntensity()(x)))
+    assert abs(float(ours.mean())) < 1e-6

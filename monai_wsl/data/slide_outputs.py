@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from monai_wsl.utils import atomic_write
@@ -62,14 +64,11 @@ def downsample_mean(source: Any, factor: int, tile: int = 2048, out: Any = None)
     step = max(1, tile // factor)  # output pixels a block
     for y in range(0, oh, step):
         for x in range(0, ow, step):
-            block = np.array(source[y * factor : (y + step) * factor, x * factor : (x + step) * factor], np.float32)
-            np.nan_to_num(block, copy=False)
-            bh, bw = -(-block.shape[0] // factor), -(-block.shape[1] // factor)
-            pad = ((0, bh * factor - block.shape[0]), (0, bw * factor - block.shape[1]))
-            sums = np.pad(block, pad).reshape(bh, factor, bw, factor).sum((1, 3))
-            rows = np.minimum(factor, block.shape[0] - factor * np.arange(bh))  # pixels of each output row / col
-            cols = np.minimum(factor, block.shape[1] - factor * np.arange(bw))
-            out[y : y + bh, x : x + bw] = sums / np.outer(rows, cols)
+            block = np.asarray(source[y * factor : (y + step) * factor, x * factor : (x + step) * factor], np.float32)
+            block = torch.nan_to_num(torch.from_numpy(block), nan=0.0)
+            # ceil_mode: a block cut by the map's edge is the mean of the pixels it has
+            means = F.avg_pool2d(block[None, None], factor, ceil_mode=True)[0, 0].numpy()
+            out[y : y + means.shape[0], x : x + means.shape[1]] = means
     return out
 
 

@@ -24,6 +24,7 @@ from monai_wsl.data.check import DataError, warn_if_synthetic
 from monai_wsl.data.slide_outputs import SlideWriter, class_summary, run_summary
 from monai_wsl.data.slides import ArrayPlane, ZeroMap, read_region, slide_problems
 from monai_wsl.networks.utils import binary_entropy, spatial_flips
+from monai_wsl.transforms import intensity_on_tensors
 
 from .backends import OnnxNetwork, with_backend
 from .onnx_export import weights_digest
@@ -167,8 +168,8 @@ class SlideInferer:
         """The masks ``(B, 1, H, W)`` of a ``(B, 3, H, W)`` uint8 batch (with ``uncertainty``: ``(B, 2, H, W)``, the
         mask averaged over four flips and its binary entropy); its class probabilities are appended to ``probs``
         (default: the slide's, ``self._probs``)."""
-        x = self.preprocessing(patches.to(self.device).float())
-        x = convert_to_tensor(x, track_meta=False)
+        x = convert_to_tensor(patches, track_meta=False).to(self.device).float()
+        x = intensity_on_tensors(self.preprocessing, x)
         flips = spatial_flips(x.ndim - 2) if self.uncertainty else [()]
         if len(flips) > 1:
             x = torch.cat([x.flip(f) if f else x for f in flips])

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .array import BinarizeMask, EnsureRGB, filename_of
+from .array import BinarizeMask, EnsureRGB, filename_of, intensity_on_tensors
 from .augment import (
     RandColorJitterD,
     RandColorJitterd,

@@ -8,16 +8,17 @@ PNG/BMP/JPG read by MONAI's PILReader that is ``(C, W, H)``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import Transform
+from monai.transforms import ScaleIntensityRange, Transform
 from monai.transforms.utils_pytorch_numpy_unification import repeat
-from monai.utils import TransformBackends, convert_to_dst_type
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
-__all__ = ["EnsureRGB", "BinarizeMask", "filename_of"]
+__all__ = ["EnsureRGB", "BinarizeMask", "filename_of", "intensity_on_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,28 @@ def filename_of(img: object, default: str | None = None) -> str | None:
     if isinstance(img, str):
         return img
     return default
+
+
+def intensity_on_tensors(transform: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``transform(x)`` as a plain tensor, for a batch of patches that carries no meta data. MONAI's
+    ``ScaleIntensityRange`` with both output bounds (the slide path's intensity transform) is computed here as one
+    multiply-add (and the clip) in plain torch: the same values within float rounding (tests), without a MetaTensor's
+    cost on every operation (on 2 CPU cores a batch of 8 x 3 x 512 x 512 took 0.12 s through the transform, 0.03 s
+    here). Any other transform is called as it is."""
+    t = transform
+    if (
+        type(t) is ScaleIntensityRange
+        and t.a_max != t.a_min
+        and t.b_min is not None
+        and t.b_max is not None
+        and t.b_min <= t.b_max
+        and x.dtype == torch.float32
+        and t.dtype in (None, np.float32, torch.float32)
+    ):
+        scale = (t.b_max - t.b_min) / (t.a_max - t.a_min)
+        x = convert_to_tensor(x, track_meta=False) * scale + (t.b_min - t.a_min * scale)
+        return x.clamp(t.b_min, t.b_max) if t.clip else x
+    return convert_to_tensor(transform(x), track_meta=False)
 
 
 class EnsureRGB(Transform):
