@@ -62,6 +62,11 @@ _LITE0_BLOCKS = [
 _LITE0_STAGE_DEPTHS = [1, 2, 2, 3, 3, 4, 1]
 
 
+def _check_output_stride(output_stride: int) -> None:
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
+
+
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
     """TensorFlow EfficientNet's channel rounding: ``filters * width`` to a multiple of 8, never 10% below it."""
     scaled = filters * width
@@ -123,8 +128,7 @@ class ResNetEncoder(RecordsConfig, ResNet):
     ) -> None:
         if arch not in _RESNETS:
             raise ValueError(f"arch must be one of {tuple(_RESNETS)}, got {arch!r}.")
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
+        _check_output_stride(output_stride)
         block, layers = _RESNETS[arch]
         object.__setattr__(self, "_norm", norm)  # for _make_layer, which runs inside ResNet.__init__
         super().__init__(
@@ -191,8 +195,7 @@ class EfficientNetLiteEncoder(RecordsConfig, EfficientNet):
     ) -> None:
         if variant not in _LITE_SCALING:
             raise ValueError(f"variant must be one of {tuple(_LITE_SCALING)}, got {variant!r}.")
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
+        _check_output_stride(output_stride)
         super().__init__(
             _lite_blocks(*_LITE_SCALING[variant]),
             spatial_dims=spatial_dims,
