@@ -84,6 +84,8 @@ RUNS = [
     Run("study", "lite1", "encoder EfficientNet-lite1", overrides={"network_def#encoder": "efficientnet-lite1"}),
     Run("study", "os16", "encoder output stride 16 (last stage dilated: a map twice as fine)",
         overrides={"network_def#output_stride": 16}),
+    Run("study", "size_floor_0.25", "each mask held above 25 % of its image (a barrier; the training glands' 10th "
+        "percentile on benign images)", overrides={"loss_def#min_foreground": 0.25}),
 ]  # fmt: skip
 GROUPS = {
     "methods": "Methods (same data, encoder, recipe and metrics; only the method's config differs)",

@@ -234,25 +234,35 @@ def test_folded_padding_is_the_same_function_and_the_same_weights():
 
 
 def test_bundle_switches_fold_padding_and_memory_format():
-    """train.json's defaults keep the network as built (results repeat earlier runs bit for bit); --fold_padding true
-    and --memory_format '$torch.channels_last' give the faster CPU layout."""
+    """On a CPU, train.json folds the padding and puts the network in channels-last (the faster CPU layout, on by
+    default there); on another device, and with --fold_padding false --memory_format '$torch.contiguous_format', the
+    network stays as built; volumes stay contiguous (channels-last is a 4D layout)."""
     from pathlib import Path
 
     from monai.bundle import ConfigParser
 
     configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
-    for overrides, folded, channels_last in (
-        ({}, False, False),
-        ({"fold_padding": "true", "memory_format": "$torch.channels_last"}, True, True),
+    off = {"fold_padding": "false", "memory_format": "$torch.contiguous_format"}
+    for device, overrides, folded, channels_last in (
+        ("cpu", {}, True, True),
+        ("cpu", off, False, False),
+        ("meta", {}, False, False),
     ):
         parser = ConfigParser()
         parser.read_config(str(configs / "train.json"))
-        parser.update({"device": "$torch.device('cpu')", **overrides})
+        parser.update({"device": f"$torch.device('{device}')", **overrides})
         net = parser.get_parsed_content("network")
         pads = [m for m in net.modules() if isinstance(m, nn.ConstantPad2d)]
         assert (len(pads) == 5) == folded
         weight = net.encoder._conv_stem.weight
+        assert weight.device.type == device
         assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert weight.is_contiguous() != channels_last
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "recipes" / "volume.json")])
+    parser.update({"device": "$torch.device('cpu')"})
+    assert parser.get_parsed_content("memory_format") == torch.contiguous_format
+    assert all(p.is_contiguous() for p in parser.get_parsed_content("network").parameters())
 
 
 def test_padding_mode_replaces_the_zero_padding_and_keeps_the_weights():

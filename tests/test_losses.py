@@ -112,6 +112,32 @@ def test_ablation_switches():
     torch.testing.assert_close(per_image.mean(), MaxMinUncertaintyLoss()(out, y))
 
 
+def test_min_foreground_barrier_holds_the_mask_above_a_fraction():
+    """min_foreground adds psi_t(r - S+ / N) to the size term: the formula, zero effect at 0 (the paper's loss), and a
+    gradient that grows the mask (more strongly the smaller it is), with bad fractions refused."""
+    from monai_wsl.losses import extended_log_barrier
+
+    out, y = _fake_output(), torch.tensor([0, 1, 1])
+    plain, held = MaxMinUncertaintyLoss(), MaxMinUncertaintyLoss(min_foreground=0.3)
+    plain(out, y), held(out, y)
+    fraction = out["mask"].flatten(1).mean(1)
+    extra = extended_log_barrier(0.3 - fraction, 5.0).mean()
+    torch.testing.assert_close(held.terms["loss_size"], plain.terms["loss_size"] + extra)
+    assert MaxMinUncertaintyLoss(min_foreground=0.0)(out, y) == plain(out, y)
+    grads = []
+    for value in (0.2, 0.5):  # a mask of 20 % and one of 50 % of the image
+        mask = torch.full((1, 1, 8, 8), value, requires_grad=True)
+        out1 = {k: v[:1] for k, v in out.items() if k != "mask"} | {"mask": mask}
+        MaxMinUncertaintyLoss(min_foreground=0.3, lambda_bg=0.0)(out1, y[:1]).backward()
+        no_floor = mask.detach().clone().requires_grad_(True)
+        MaxMinUncertaintyLoss(lambda_bg=0.0)({**out1, "mask": no_floor}, y[:1]).backward()
+        grads.append(float((mask.grad - no_floor.grad).sum()))
+    assert grads[0] < grads[1] < 0  # descending the loss grows the mask, more below the floor than above it
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_foreground"):
+            MaxMinUncertaintyLoss(min_foreground=bad)
+
+
 @pytest.mark.parametrize("mask_value", [0.0, 1.0])
 def test_loss_finite_for_empty_and_full_masks_and_saturated_logits(mask_value):
     out = _fake_output(mask_value=mask_value, scale=1e4)

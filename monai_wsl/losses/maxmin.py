@@ -54,6 +54,10 @@ class MaxMinUncertaintyLoss(_Loss):
         lambda_bg: weight of the background uncertainty term (1e-7 in the published GlaS recipe).
         bg_term: ``"sem"``, ``"eem"`` or ``None`` (no background term).
         size_constraint: add the log-barrier size terms.
+        min_foreground: with ``size_constraint``, a third barrier term ``psi_t(min_foreground - S+ / N)`` (``N``: the
+            image's pixels) that holds each mask above this fraction of its image; 0 (the paper's recipe): none. Not
+            in the paper: a candidate of the mask-quality study (docs/results.md), where the masks of benign images
+            cover about half the glands.
         t: initial log-barrier ``t`` (a buffer of :attr:`barrier`, so it is saved with the loss's state).
         reduction: ``"mean"`` (the paper) or ``"sum"`` over the batch, or ``"none"`` for per-image totals.
 
@@ -72,6 +76,7 @@ class MaxMinUncertaintyLoss(_Loss):
         bg_term: str | None = "sem",
         size_constraint: bool | str = True,
         t: float = 5.0,
+        min_foreground: float = 0.0,
         reduction: LossReduction | str = LossReduction.MEAN,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
@@ -80,6 +85,9 @@ class MaxMinUncertaintyLoss(_Loss):
         if lambda_bg < 0:
             raise ValueError(f"lambda_bg must be >= 0, got {lambda_bg}.")
         self.lambda_bg, self.bg_term, self.size_constraint = lambda_bg, bg_term, str2bool(size_constraint)
+        if not 0.0 <= min_foreground < 1.0:
+            raise ValueError(f"min_foreground must be a fraction of the image in [0, 1), got {min_foreground}.")
+        self.min_foreground = float(min_foreground)
         self.barrier = ExtendedLogBarrier(t)
         self.terms: dict[str, torch.Tensor] = {}
 
@@ -119,6 +127,8 @@ class MaxMinUncertaintyLoss(_Loss):
             fg = mask.float().flatten(1).sum(1)
             bg = mask[0].numel() - fg
             terms["loss_size"] = self.barrier(-fg) + self.barrier(-bg)
+            if self.min_foreground > 0:
+                terms["loss_size"] = terms["loss_size"] + self.barrier(self.min_foreground - fg / mask[0].numel())
 
         per_image = torch.stack(list(terms.values())).sum(0)
         if self.reduction == LossReduction.MEAN.value:
