@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,17 @@ class SlideWriter:
         self.output_dir, self.threshold, self.region_name = Path(output_dir), float(threshold), region_name
         self.geojson_max_side, self.thumbnail_size = int(geojson_max_side), int(thumbnail_size)
 
+    def _regions(self, plane: Any, setup: dict, partial: dict) -> tuple[dict, int]:
+        """Write the regions (GeoJSON) and the thumbnail, both from the map averaged down to at most
+        ``geojson_max_side`` pixels a side; returns the GeoJSON and that factor."""
+        factor = max(1, int(np.ceil(max(plane.shape) / self.geojson_max_side)))
+        small = downsample_mean(plane, factor) if factor > 1 else np.nan_to_num(np.asarray(plane[:, :]))
+        geojson = mask_to_geojson(small >= self.threshold, factor * setup["level_downsample"], self.region_name)
+        partial["geojson"].write_text(json.dumps(geojson))
+        thumbnail = slide_thumbnail(setup["thumbnail"], small, self.threshold, self.thumbnail_size)
+        Image.fromarray(thumbnail).save(partial["thumbnail"], format="PNG", compress_level=1)
+        return geojson, factor
+
     def write(
         self, stem: str, plane: Any, uncertain: Any, setup: dict, summary: tuple[dict, dict, float], workdir: str
     ) -> dict:
@@ -310,15 +322,16 @@ class SlideWriter:
         outputs = slide_output_paths(self.output_dir, stem, uncertain is not None)
         with atomic_write(*outputs.values()) as temporary:  # the JSON last: it marks a finished slide
             partial = dict(zip(outputs, temporary))
-            levels = write_pyramid_tiff(partial["map"], plane, mpp=mpp, workdir=workdir)
-            if uncertain is not None:
-                write_pyramid_tiff(partial["uncertainty"], uncertain, mpp=mpp, workdir=workdir)
-            factor = max(1, int(np.ceil(max(plane.shape) / self.geojson_max_side)))
-            small = downsample_mean(plane, factor) if factor > 1 else np.nan_to_num(np.asarray(plane[:, :]))
-            geojson = mask_to_geojson(small >= self.threshold, factor * level_downsample, self.region_name)
-            partial["geojson"].write_text(json.dumps(geojson))
-            thumbnail = slide_thumbnail(setup["thumbnail"], small, self.threshold, self.thumbnail_size)
-            Image.fromarray(thumbnail).save(partial["thumbnail"], format="PNG", compress_level=1)
+            # the pyramids in a thread (their compression and means leave the GIL) while this one traces the
+            # regions (Python-bound): on 2 cores the files take about the time of the longer of the two
+            with ThreadPoolExecutor(1, thread_name_prefix="pyramid") as pool:
+                tiffs = [pool.submit(write_pyramid_tiff, partial["map"], plane, mpp=mpp, workdir=workdir)]
+                if uncertain is not None:
+                    tiffs.append(
+                        pool.submit(write_pyramid_tiff, partial["uncertainty"], uncertain, mpp=mpp, workdir=workdir)
+                    )
+                geojson, factor = self._regions(plane, setup, partial)
+                levels = [t.result() for t in tiffs][0]  # a pyramid's error is raised here
             summary = {
                 **run,
                 "map": {
