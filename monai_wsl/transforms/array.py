@@ -41,8 +41,7 @@ def intensity_on_tensors(transform: Callable, x: torch.Tensor) -> torch.Tensor:
     """``transform(x)`` as a plain tensor, for a batch of patches that carries no meta data. MONAI's
     ``ScaleIntensityRange`` with both output bounds (the slide path's intensity transform) is computed here as one
     multiply-add (and the clip) in plain torch: the same values within float rounding (tests), without a MetaTensor's
-    cost on every operation (on 2 CPU cores a batch of 8 x 3 x 512 x 512 took 0.12 s through the transform, 0.03 s
-    here). Any other transform is called as it is."""
+    dispatch and copies on every operation. Any other transform is called as it is."""
     t = transform
     if (
         type(t) is ScaleIntensityRange
