@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_wsl.networks import MaxMinUncertaintyNet, build_encoder, load_encoder_weights
+from monai_wsl.networks import MaxMinUncertaintyNet, build_encoder, load_encoder_weights, place_network
 from monai_wsl.networks.nets import EfficientNetLite0Encoder, ResNetEncoder, efficientnet_lite0_weights_path
 from monai_wsl.networks.nets.encoders import EfficientNetLiteEncoder, efficientnet_lite_weights_path
 
@@ -234,9 +234,10 @@ def test_folded_padding_is_the_same_function_and_the_same_weights():
 
 
 def test_bundle_switches_fold_padding_and_memory_format():
-    """On a CPU, train.json folds the padding and puts the network in channels-last (the faster CPU layout, on by
-    default there); on another device, and with --fold_padding false --memory_format '$torch.contiguous_format', the
-    network stays as built; volumes stay contiguous (channels-last is a 4D layout)."""
+    """On a CPU, train.json folds the padding and puts the network in channels-last (place_network's "auto", the faster
+    CPU layout); on another device, and with --fold_padding false --memory_format '$torch.contiguous_format', the
+    network stays as built; volumes stay contiguous (channels-last is a 4D layout). Evaluation runs the network as
+    built."""
     from pathlib import Path
 
     from monai.bundle import ConfigParser
@@ -258,11 +259,14 @@ def test_bundle_switches_fold_padding_and_memory_format():
         assert weight.device.type == device
         assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert weight.is_contiguous() != channels_last
+    with pytest.raises(ValueError, match="memory_format"):
+        place_network(nn.Conv2d(1, 1, 1), "cpu", memory_format="channels_last")
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json"), str(configs / "recipes" / "volume.json")])
     parser.update({"device": "$torch.device('cpu')"})
-    assert parser.get_parsed_content("memory_format") == torch.contiguous_format
-    assert all(p.is_contiguous() for p in parser.get_parsed_content("network").parameters())
+    volume = parser.get_parsed_content("network")
+    assert any(p.ndim == 5 for p in volume.parameters())
+    assert all(p.is_contiguous() for p in volume.parameters())
 
 
 def test_padding_mode_replaces_the_zero_padding_and_keeps_the_weights():

@@ -68,10 +68,13 @@ def settings(net: MaxMinUncertaintyNet) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A bundle root with one epoch of training (TRAINED settings) on the small synthetic set, and the trained
-    network itself with the selected model's weights: the reference every built network is held to."""
+    network itself with the selected model's weights: the reference every built network is held to (in the layout
+    the evaluation and inference paths run it in: training on a CPU ran it in channels-last, whose convolutions
+    round otherwise)."""
     root = tmp_path_factory.mktemp("carded")
     wf = run(workflow(root, **TRAINED))
     own = copy.deepcopy(wf.parser.get_parsed_content("network_def")).cpu().eval()
+    own = own.to(memory_format=torch.contiguous_format)
     own.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
     return root, own
 

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from .blocks import CAMHead, WildcatHead, WildcatPool, soft_mask, wildcat_pool
 from .config import RecordsConfig
-from .conversions import CPUSyncBatchNorm, convert_sync_batchnorm, fold_same_padding, set_padding_mode, unwrap
+from .conversions import (
+    CPUSyncBatchNorm,
+    convert_sync_batchnorm,
+    fold_same_padding,
+    place_network,
+    set_padding_mode,
+    unwrap,
+)
 from .nets import (
     ENCODERS,
     CAMClassifier,

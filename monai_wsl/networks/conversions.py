@@ -12,7 +12,14 @@ import torch.distributed.nn as dist_nn
 from monai.utils import str2bool
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["unwrap", "CPUSyncBatchNorm", "convert_sync_batchnorm", "fold_same_padding", "set_padding_mode"]
+__all__ = [
+    "unwrap",
+    "CPUSyncBatchNorm",
+    "convert_sync_batchnorm",
+    "fold_same_padding",
+    "place_network",
+    "set_padding_mode",
+]
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -82,6 +89,29 @@ def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         if isinstance(m, _BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm):
             m.__class__ = CPUSyncBatchNorm  # the same object and tensors, with the synchronising forward
     return module
+
+
+def place_network(
+    module: torch.nn.Module,
+    device: str | torch.device,
+    fold_padding: bool | str = "auto",
+    memory_format: torch.memory_format | str = "auto",
+) -> torch.nn.Module:
+    """``module`` on ``device`` in the layout that trains fastest there, the bundle's ``network``: ``"auto"`` folds the
+    padding (:func:`fold_same_padding`) and puts a 2D network in channels-last on a CPU, and leaves the network as
+    built on other devices and for volumes (channels-last is a layout of 4D tensors). ``fold_padding`` (a bool or
+    "true" / "false") and ``memory_format`` (a ``torch.memory_format``) set either one instead. The same function
+    either way; a fixed-seed training in one layout does not repeat one in the other bit for bit."""
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
+    if isinstance(fold_padding, str) and fold_padding.lower() == "auto":
+        fold_padding = on_cpu
+    if isinstance(memory_format, str):
+        if memory_format.lower() != "auto":
+            raise ValueError(f"memory_format must be a torch.memory_format or 'auto', got {memory_format!r}")
+        ranks = {m.weight.ndim for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
+        memory_format = torch.channels_last if on_cpu and ranks == {4} else torch.contiguous_format
+    return fold_same_padding(module, fold_padding).to(device, memory_format=memory_format)
 
 
 def fold_same_padding(module: torch.nn.Module, enabled: bool | str = True) -> torch.nn.Module:

@@ -39,9 +39,9 @@ def filename_of(img: object, default: str | None = None) -> str | None:
 
 def intensity_on_tensors(transform: Callable, x: torch.Tensor) -> torch.Tensor:
     """``transform(x)`` as a plain tensor, for a batch of patches that carries no meta data. MONAI's
-    ``ScaleIntensityRange`` with both output bounds (the slide path's intensity transform) is computed here as one
-    multiply-add (and the clip) in plain torch: the same values within float rounding (tests), without a MetaTensor's
-    dispatch and copies on every operation. Any other transform is called as it is."""
+    ``ScaleIntensityRange`` with both output bounds (the slide path's intensity transform) is computed here by its
+    own operations on a plain tensor: the same values to the bit (tests), without a MetaTensor's dispatch on every
+    operation. Any other transform is called as it is."""
     t = transform
     if (
         type(t) is ScaleIntensityRange
@@ -52,9 +52,10 @@ def intensity_on_tensors(transform: Callable, x: torch.Tensor) -> torch.Tensor:
         and x.dtype == torch.float32
         and t.dtype in (None, np.float32, torch.float32)
     ):
-        scale = (t.b_max - t.b_min) / (t.a_max - t.a_min)
-        x = convert_to_tensor(x, track_meta=False) * scale + (t.b_min - t.a_min * scale)
-        return x.clamp(t.b_min, t.b_max) if t.clip else x
+        # MONAI's own operations in its order, so the values are equal to the bit
+        x = (convert_to_tensor(x, track_meta=False) - t.a_min) / (t.a_max - t.a_min)
+        x = x * (t.b_max - t.b_min) + t.b_min
+        return torch.clamp(x, t.b_min, t.b_max) if t.clip else x
     return convert_to_tensor(transform(x), track_meta=False)
 
 
