@@ -234,20 +234,21 @@ def test_folded_padding_is_the_same_function_and_the_same_weights():
 
 
 def test_bundle_switches_fold_padding_and_memory_format():
-    """On a CPU, train.json folds the padding and puts the network in channels-last (place_network's "auto", the faster
-    CPU layout); on another device, and with --fold_padding false --memory_format '$torch.contiguous_format', the
-    network stays as built; volumes stay contiguous (channels-last is a 4D layout). Evaluation runs the network as
-    built."""
+    """train.json's defaults keep the network as built (results repeat earlier runs bit for bit); --fold_padding auto
+    --memory_format auto (place_network) fold the padding and use channels-last on a CPU, the faster CPU layout, and
+    leave the network as built on another device; true / '$torch.channels_last' ask for them anywhere; volumes stay
+    contiguous (channels-last is a 4D layout)."""
     from pathlib import Path
 
     from monai.bundle import ConfigParser
 
     configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
-    off = {"fold_padding": "false", "memory_format": "$torch.contiguous_format"}
+    auto = {"fold_padding": "auto", "memory_format": "auto"}
     for device, overrides, folded, channels_last in (
-        ("cpu", {}, True, True),
-        ("cpu", off, False, False),
-        ("meta", {}, False, False),
+        ("cpu", {}, False, False),
+        ("cpu", auto, True, True),
+        ("meta", auto, False, False),
+        ("meta", {"fold_padding": "true", "memory_format": "$torch.channels_last"}, True, True),
     ):
         parser = ConfigParser()
         parser.read_config(str(configs / "train.json"))
@@ -263,7 +264,7 @@ def test_bundle_switches_fold_padding_and_memory_format():
         place_network(nn.Conv2d(1, 1, 1), "cpu", memory_format="channels_last")
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json"), str(configs / "recipes" / "volume.json")])
-    parser.update({"device": "$torch.device('cpu')"})
+    parser.update({"device": "$torch.device('cpu')", **auto})
     volume = parser.get_parsed_content("network")
     assert any(p.ndim == 5 for p in volume.parameters())
     assert all(p.is_contiguous() for p in volume.parameters())

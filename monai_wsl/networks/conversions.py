@@ -122,8 +122,8 @@ def fold_same_padding(module: torch.nn.Module, enabled: bool | str = True) -> to
     convolutions), the convolution can pad by itself: the same function, the same weights and state dict, and no copy
     of each activation and its gradient. On 2 CPU cores it makes a max-min training step about 10 % faster.
     The forward pass is unchanged to the bit; the backward pass sums in another order (gradients differ by about
-    1e-6), so a fixed-seed training does not repeat an unfolded one bit for bit. The bundle folds on CPUs
-    (``fold_padding``, with the channels-last layout; ``--fold_padding false`` to keep the network as built).
+    1e-6), so a fixed-seed training does not repeat an unfolded one bit for bit: hence off in the bundle unless
+    ``--fold_padding true`` (or ``auto``: on CPUs, :func:`place_network`).
     """
     if not str2bool(enabled):
         return module
