@@ -56,8 +56,9 @@ class MaxMinUncertaintyLoss(_Loss):
         size_constraint: add the log-barrier size terms.
         min_foreground: with ``size_constraint``, a third barrier term ``psi_t(min_foreground - S+ / N)`` (``N``: the
             image's pixels) that holds each mask above this fraction of its image; 0 (the paper's recipe): none. Not
-            in the paper: a candidate of the mask-quality study (docs/results.md), where the masks of benign images
-            cover 17 to 25 % of the image and the glands 39 %.
+            in the paper: a candidate of the mask-quality study (docs/results.md, table J) that made the masks too
+            large (a barrier pushes inside its feasible set too: at 0.25 the benign masks took 55 to 74 % of the
+            image, the glands 39 %), so it stays off.
         t: initial log-barrier ``t`` (a buffer of :attr:`barrier`, so it is saved with the loss's state).
         reduction: ``"mean"`` (the paper) or ``"sum"`` over the batch, or ``"none"`` for per-image totals.
 
