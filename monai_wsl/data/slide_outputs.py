@@ -193,7 +193,8 @@ def simplify_lines(lines: list[np.ndarray], tolerance: float) -> list[np.ndarray
         shapely.simplify(geometries, tolerance, preserve_topology=False), return_index=True
     )
     out = list(lines)
-    for i, line in zip(todo, np.split(xy, np.flatnonzero(np.diff(index)) + 1)):
+    # by each line's index, so that a line simplified to nothing (an empty geometry, no coordinates) stays in its place
+    for i, line in zip(todo, np.split(xy, np.cumsum(np.bincount(index, minlength=len(todo)))[:-1])):
         out[i] = line
     return out
 
