@@ -353,7 +353,7 @@ class SlideWriter:
         with atomic_write(*outputs.values()) as temporary:  # the JSON last: it marks a finished slide
             partial = dict(zip(outputs, temporary))
             # the pyramids in a thread (their compression and means leave the GIL) while this one traces the
-            # regions (Python-bound): on 2 cores the files take about the time of the longer of the two
+            # regions and draws the thumbnail: on 2 cores the files take about the time of the longer of the two
             with ThreadPoolExecutor(1, thread_name_prefix="pyramid") as pool:
                 tiffs = [pool.submit(write_pyramid_tiff, partial["map"], plane, mpp=mpp, workdir=workdir)]
                 if uncertain is not None:
