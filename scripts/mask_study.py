@@ -10,7 +10,8 @@ rules for turning the localizer's map into a mask would score, on the same valid
    on each rule's epoch: the bundle's mask ``M >= 0.5`` (``A_norm >= sigma``); ``M`` averaged over four flips;
    ``A_norm >= tau`` for other thresholds; a percentile min-max instead of min-max (one peak no longer sets the
    scale); and the localizer's evidence for its class, ``A_c - max_other A_k``: its score map has no per-image
-   normalisation (PxAP pools the images' pixels as they are), its mask is ``> 0`` or, min-max normalised, ``>= sigma``.
+   normalisation (PxAP pools the images' pixels as they are), its mask is ``> 0`` or, min-max normalised, ``>= sigma``;
+   with ``--shifts 16``, ``M`` averaged over the flips and over half-cell phases of the encoder's grid as well.
    Each with F1+, F1-, PxAP (pooled, binned as the bundle's) and the mask's share of the image against the glands'
    share, by class.
 
@@ -72,12 +73,36 @@ def percentile_normalize(maps: torch.Tensor, low: float = 0.01, high: float = 0.
     return ((maps - lo.view(shape)) / (hi - lo).clamp_min(1e-8).view(shape)).clamp(0, 1)
 
 
+def shifted_flip_mask(net, x: torch.Tensor, size, shift: int) -> torch.Tensor:
+    """``M`` averaged over the four flips and the grid phases ``{0, shift}`` on each axis: ``x`` reflect-padded by
+    ``shift`` pixels at the top and / or left (the image meets the encoder's stride-32 grid half a cell further on),
+    each mask cropped back and upsampled to ``size``; ``(1, 1, *size)``."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    from monai_wsl.networks.blocks.soft_mask import soft_mask
+    from monai_wsl.networks.utils import spatial_flips, upsample
+
+    sigma, w = float(net.sigma), float(net.w)
+    masks = []
+    for dy, dx in itertools.product((0, shift), repeat=2):
+        xp = F.pad(x, (dx, 0, dy, 0), mode="reflect") if dy or dx else x
+        for d in spatial_flips(2):
+            with torch.no_grad():
+                scores, maps = net.localize(_flip(xp, d))[:2]
+            m = soft_mask(_flip(maps, d), scores, xp.shape[2:], sigma, w)[..., dy:, dx:]
+            masks.append(upsample(m, size))
+    return torch.stack(masks).mean(0)
+
+
 def mask_rules(
-    net, x: torch.Tensor, thresholds: list[float], short_side: int | None = None
+    net, x: torch.Tensor, thresholds: list[float], short_side: int | None = None, shift: int = 0
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{rule: (score map in [0, 1], binary mask)}``, each ``(1, 1, *spatial)`` at the size of ``x`` ``(1, C,
     *spatial)``; the network sees ``x`` resized to ``short_side`` as ``WSLInferer(short_side)`` resizes it (its map
-    is upsampled to ``x``'s size directly)."""
+    is upsampled to ``x``'s size directly). ``shift`` > 0 (2D) adds ``M`` averaged over flips and grid phases
+    (:func:`shifted_flip_mask`)."""
     from monai_wsl.networks.blocks.soft_mask import soft_mask
     from monai_wsl.networks.utils import minmax_normalize, spatial_flips, upsample
     from monai_wsl.transforms import ResizeShortSide
@@ -105,13 +130,16 @@ def mask_rules(
         "evidence A_c - A_other > 0 (no normalisation)": (torch.sigmoid(evidence), evidence > 0),
         "evidence, min-max, >= sigma": (torch.sigmoid(evidence), minmax_normalize(evidence) >= sigma),
     }
+    if shift:
+        shifted = shifted_flip_mask(net, x_in, size, shift)
+        rules[f"M averaged over flips and shifts 0 / {shift} >= 0.5"] = (shifted, shifted >= 0.5)
     for tau in thresholds:
         rules[f"A_norm >= {tau:g}"] = (mask, a_norm >= tau)
     return rules
 
 
 def evaluate_rules(
-    net, items: list[dict], thresholds: list[float], short_sides: list[int | None]
+    net, items: list[dict], thresholds: list[float], short_sides: list[int | None], shift: int = 0
 ) -> dict[str, dict[str, float]]:
     """Per rule and input scale (``None``: the image as it is, the bundle's; else resized so that its short side
     is that many pixels, the mask scored at the image's own size): mean F1+ / F1- over images, pooled binned PxAP,
@@ -129,7 +157,7 @@ def evaluate_rules(
         label = int(item["label"])
         for short in short_sides:
             where = "as is" if short is None else f"short side {short}"
-            for name, (score, seg) in mask_rules(net, x, thresholds, short).items():
+            for name, (score, seg) in mask_rules(net, x, thresholds, short, shift).items():
                 record(per_rule, f"{name}, {where}", score, seg, truth, label)
     return summarise(per_rule)
 
@@ -200,6 +228,14 @@ def main() -> None:
         nargs="*",
         help="only these epochs' snapshots (default: model.pt and each rule's epoch)",
     )
+    parser.add_argument(
+        "--shifts",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="also average M over flips and the grid phases 0 and PIXELS on each axis (16: half a cell of the "
+        "stride-32 map; 16 passes of the localizer per image)",
+    )
     parser.add_argument("--json", help="write everything to this file")
     args = parser.parse_args()
 
@@ -230,7 +266,7 @@ def main() -> None:
             print(f"\n{checkpoint} is missing: mask rules skipped for it")
             continue
         net = load_network(checkpoint, args.encoder, args.output_stride)
-        rows = evaluate_rules(net, items, args.thresholds, [None, *args.short_sides])
+        rows = evaluate_rules(net, items, args.thresholds, [None, *args.short_sides], args.shifts)
         results["rules"][name] = rows
         labels = sorted({k.rsplit("_", 1)[1] for row in rows.values() for k in row if k.startswith("mask_share_")})
         shares = " | ".join(f"mask / glands, class {c}" for c in labels)

@@ -97,3 +97,37 @@ def test_flip_averaging_undoes_each_flip():
     assert evidence.all()
     _, evidence = study.mask_rules(PoolingLocalizer(), x - 0.5, [])["evidence A_c - A_other > 0 (no normalisation)"]
     assert 0 < evidence.float().mean() < 1
+
+
+class PixelLocalizer(PoolingLocalizer):
+    """Maps are the image itself (no pooling), plus ``frame`` times a pattern tied to the grid's origin: without it
+    the map moves with the image, so averaging over grid phases must change nothing."""
+
+    def __init__(self, frame: float = 0.0):
+        super().__init__()
+        self.frame = frame
+
+    def localize(self, x):
+        from monai_wsl.networks.utils import soft_mask
+
+        grid = torch.zeros_like(x[:, :1])
+        grid[..., ::16, :] = self.frame  # a stripe every 16 rows from the top, wherever the image starts
+        maps = torch.cat([-x.mean(1, keepdim=True), x.mean(1, keepdim=True) + grid], 1)
+        scores = maps.flatten(2).mean(2)
+        return scores, maps, soft_mask(maps, scores, x.shape[2:], self.sigma, self.w)
+
+
+def test_grid_phase_averaging_crops_each_shift_back():
+    study = load_study()
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 80)
+    rules = study.mask_rules(PixelLocalizer(), x, [], shift=8)
+    shifted, seg = rules["M averaged over flips and shifts 0 / 8 >= 0.5"]
+    assert shifted.shape == (1, 1, 64, 80) and torch.equal(seg, shifted >= 0.5)
+    # the reflected border holds only values of the image: each shift's mask, cropped back, is the unshifted one
+    assert torch.allclose(shifted, rules["M averaged over flips >= 0.5"][0], atol=1e-6)
+    # a map tied to the grid (its stripes stay where the padded input starts) is averaged over the phases
+    framed = study.mask_rules(PixelLocalizer(frame=5.0), x, [], shift=8)
+    unshifted = framed["M averaged over flips >= 0.5"][0]
+    averaged = framed["M averaged over flips and shifts 0 / 8 >= 0.5"][0]
+    assert (averaged - unshifted).abs().max() > 0.1
