@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "MODEL_CARD",
+    "card_file",
     "INITIAL_WEIGHTS",
     "read_model_card",
     "trained_setting",
@@ -33,14 +34,26 @@ logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 
 
+def card_file(checkpoint: str | Path) -> Path:
+    """Where ``checkpoint``'s model card is: ``model_card.json`` beside it; for the weights that ``--snapshot_interval``
+    keeps in ``models/snapshots/``, the card of their training in ``models/`` when the snapshots folder has none (a
+    card records the network and its settings, which every epoch of one training shares)."""
+    path = Path(checkpoint).with_name(MODEL_CARD)
+    above = path.parent.parent / MODEL_CARD
+    if not path.is_file() and path.parent.name == "snapshots" and above.is_file():
+        return above
+    return path
+
+
 def read_model_card(checkpoint: str | Path) -> dict | None:
-    """The model card written beside ``checkpoint`` by :class:`TrainingSummary`, or None when there is none.
+    """The model card written beside ``checkpoint`` by :class:`TrainingSummary` (:func:`card_file`), or None when
+    there is none.
 
     Raises:
         ValueError: the card exists but is not a JSON object (a damaged copy): running the model with default
             settings instead of the recorded ones would give other masks without a word.
     """
-    path = Path(checkpoint).with_name(MODEL_CARD)
+    path = card_file(checkpoint)
     if not path.is_file():
         return None
     try:
@@ -64,7 +77,7 @@ def trained_setting(checkpoint: str | Path, key: str, default: object = None) ->
     trained_on = (read_model_card(checkpoint) or {}).get("trained_on") or {}
     if not isinstance(trained_on, dict):
         raise ValueError(
-            f"{Path(checkpoint).with_name(MODEL_CARD)} is damaged ('trained_on' is not a JSON object): copy it again "
+            f"{card_file(checkpoint)} is damaged ('trained_on' is not a JSON object): copy it again "
             "from the training's models/ folder, or remove it to run the model with the default settings."
         )
     return trained_on.get(key, default)
@@ -91,15 +104,15 @@ def network_from_card(checkpoint: str | Path, without_card: Mapping[str, Any] | 
     """
     from monai.bundle import ConfigParser
 
-    card_file = Path(checkpoint).with_name(MODEL_CARD)
+    card_path = card_file(checkpoint)
     card = read_model_card(checkpoint) or {}
     given = {k: v for k, v in settings.items() if not (isinstance(v, Mapping) and not v)}
     recorded = card.get("network_def")
     if recorded is None:
-        config = _config_without_card(card, card_file, dict(without_card or {}))
+        config = _config_without_card(card, card_path, dict(without_card or {}), checkpoint)
     elif not isinstance(recorded, dict) or not isinstance(recorded.get("_target_"), str):
         raise ValueError(
-            f"{card_file} is damaged ('network_def' is not a network config with a _target_): copy it again from "
+            f"{card_path} is damaged ('network_def' is not a network config with a _target_): copy it again from "
             "the training's models/ folder."
         )
     else:
@@ -109,7 +122,7 @@ def network_from_card(checkpoint: str | Path, without_card: Mapping[str, Any] | 
         ]
         if conflicts:
             raise ValueError(
-                f"{card_file} records the network {Path(checkpoint).name} was trained as, and the settings given here "
+                f"{card_path} records the network {Path(checkpoint).name} was trained as, and the settings given here "
                 f"(command line or config) contradict it: {'; '.join(conflicts)}. A network built otherwise gives "
                 "other masks: leave these settings out (the card's values are used) or give the card's values."
             )
@@ -155,7 +168,7 @@ def load_trained_network(checkpoint: str | Path, without_card: Mapping[str, Any]
     return net.eval()
 
 
-def _config_without_card(card: dict, card_file: Path, fallback: dict) -> dict:
+def _config_without_card(card: dict, card_path: Path, fallback: dict, checkpoint: str | Path = "") -> dict:
     """The network config for a card that does not record ``network_def``: ``fallback`` (``target`` and settings),
     with what an older card's ``trained_on`` does record (the class, a named encoder, the padding)."""
     from monai_wsl import networks
@@ -169,11 +182,19 @@ def _config_without_card(card: dict, card_file: Path, fallback: dict) -> dict:
         fallback["encoder"] = trained_on["encoder"]
     if "padding_mode" in trained_on:
         fallback["padding_mode"] = trained_on["padding_mode"]
+    built = (
+        f"{target.rpartition('.')[2]} is built from the configuration and the class defaults, so give the settings the "
+        "model was trained with (e.g. --network_def#w, --network_def#padding_mode) if they were not the defaults."
+    )
     if card:
         logger.warning(
-            f"{card_file} does not record the network's definition (network_def; a card from before cards did): "
-            f"{target.rpartition('.')[2]} is built from the configuration and the class defaults, so give the "
-            "settings the model was trained with (e.g. --network_def#w) if they were not the defaults."
+            f"{card_path} does not record the network's definition (network_def; a card from before cards did): {built}"
+        )
+    elif str(Path(checkpoint).resolve()) not in _WARNED:  # once per model and process
+        _WARNED.add(str(Path(checkpoint).resolve()))
+        logger.warning(
+            f"no {MODEL_CARD} beside {checkpoint} (the training writes one beside model.pt; copy it "
+            f"along with the weights): {built}"
         )
     return {"_target_": target, **fallback}
 

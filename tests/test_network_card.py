@@ -250,11 +250,15 @@ def test_monai_label_bundle_task_serves_the_trained_networks_mask(trained, carde
 
 def test_a_model_without_network_def_in_its_card_is_built_from_the_configuration(tmp_path, caplog):
     """Models saved before cards recorded network_def (no card, or a card of trained_on alone): the configuration's
-    settings and the class defaults, the class and padding an older card names; a warning says so."""
+    settings and the class defaults, the class and padding an older card names; a warning says so (once per model
+    when there is no card at all)."""
     checkpoint = tmp_path / "model.pt"
     plain = network_from_card(checkpoint, without_card={"encoder": "efficientnet-lite0"}, w=7.5)
     assert type(plain).__name__ == "MaxMinUncertaintyNet" and plain.w == 7.5 and plain.padding_mode == "zeros"
-    assert not caplog.records
+    assert f"no {MODEL_CARD} beside {checkpoint}" in caplog.text and "--network_def#padding_mode" in caplog.text
+    network_from_card(checkpoint, without_card={"encoder": "efficientnet-lite0"}, w=7.5)
+    assert len(caplog.records) == 1
+    caplog.clear()
     (tmp_path / MODEL_CARD).write_text(
         json.dumps({"trained_on": {"network": "CAMClassifier", "padding_mode": "replicate"}})
     )
@@ -287,3 +291,32 @@ def test_a_served_synthetic_set_model_is_warned_of_once_in_the_servers_log(tmp_p
     (other.parent / MODEL_CARD).write_text(json.dumps({"trained_on": {"synthetic": False}}))
     network_from_card(other, without_card=without)
     assert len([r for r in caplog.records if "synthetic set" in r.getMessage()]) == 1
+
+
+def test_snapshots_are_built_as_their_training_from_its_card(tmp_path, caplog):
+    """The weights --snapshot_interval keeps in models/snapshots/ have no card of their own: the training's card in
+    models/ gives their network (here edge padding and another w), not the defaults; a card in snapshots/ wins."""
+    from monai_wsl.model_card import card_file
+
+    models = tmp_path / "models"
+    (models / "snapshots").mkdir(parents=True)
+    snapshot = models / "snapshots" / "model_epoch=10.pt"
+    net_def = {
+        "_target_": "monai_wsl.networks.MaxMinUncertaintyNet",
+        "encoder": "efficientnet-lite0",
+        "w": 7.5,
+        "padding_mode": "replicate",
+        "pretrained": False,
+    }
+    (models / MODEL_CARD).write_text(json.dumps({"network_def": net_def}))
+    assert card_file(snapshot) == models / MODEL_CARD
+    net = network_from_card(snapshot, without_card={"encoder": "efficientnet-lite0"})
+    assert net.w == 7.5 and net.padding_mode == "replicate" and not caplog.records
+    # only a snapshots/ folder borrows its training's card: another folder's checkpoint does not
+    elsewhere = tmp_path / "other" / "model.pt"
+    elsewhere.parent.mkdir()
+    assert card_file(elsewhere) == elsewhere.parent / MODEL_CARD
+    assert network_from_card(elsewhere, without_card={"encoder": "efficientnet-lite0"}).padding_mode == "zeros"
+    (models / "snapshots" / MODEL_CARD).write_text(json.dumps({"network_def": {**net_def, "w": 5.0}}))
+    assert card_file(snapshot) == models / "snapshots" / MODEL_CARD
+    assert network_from_card(snapshot).w == 5.0
