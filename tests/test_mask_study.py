@@ -76,10 +76,13 @@ class PoolingLocalizer(torch.nn.Module):
 
     sigma, w = torch.tensor(0.15), 5.0
 
+    def evidence(self, x):
+        return torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 8)
+
     def localize(self, x):
         from monai_wsl.networks.utils import soft_mask
 
-        pooled = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 8)
+        pooled = self.evidence(x)
         maps = torch.cat([-pooled, pooled], 1)
         scores = maps.flatten(2).mean(2)
         return scores, maps, soft_mask(maps, scores, x.shape[2:], self.sigma, self.w)
@@ -100,21 +103,18 @@ def test_flip_averaging_undoes_each_flip():
 
 
 class PixelLocalizer(PoolingLocalizer):
-    """Maps are the image itself (no pooling), plus ``frame`` times a pattern tied to the grid's origin: without it
-    the map moves with the image, so averaging over grid phases must change nothing."""
+    """Class 1's map is the image itself (no pooling) plus ``frame`` times a pattern tied to the grid's origin (class
+    0's, its negative): without the pattern the map moves with the image, so averaging over grid phases must change
+    nothing."""
 
     def __init__(self, frame: float = 0.0):
         super().__init__()
         self.frame = frame
 
-    def localize(self, x):
-        from monai_wsl.networks.utils import soft_mask
-
+    def evidence(self, x):
         grid = torch.zeros_like(x[:, :1])
         grid[..., ::16, :] = self.frame  # a stripe every 16 rows from the top, wherever the image starts
-        maps = torch.cat([-x.mean(1, keepdim=True), x.mean(1, keepdim=True) + grid], 1)
-        scores = maps.flatten(2).mean(2)
-        return scores, maps, soft_mask(maps, scores, x.shape[2:], self.sigma, self.w)
+        return x.mean(1, keepdim=True) + grid
 
 
 def test_grid_phase_averaging_crops_each_shift_back():
