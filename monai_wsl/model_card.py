@@ -30,7 +30,7 @@ MODEL_CARD = "model_card.json"
 INITIAL_WEIGHTS = ("pretrained", "pretrained_path")
 
 logger = logging.getLogger(__name__)
-#: the models this process has warned of (:func:`log_synthetic_model_warning`)
+#: the models this process has warned of (:func:`log_synthetic_model_warning`, a checkpoint without a card)
 _WARNED: set[str] = set()
 
 
@@ -168,7 +168,7 @@ def load_trained_network(checkpoint: str | Path, without_card: Mapping[str, Any]
     return net.eval()
 
 
-def _config_without_card(card: dict, card_path: Path, fallback: dict, checkpoint: str | Path = "") -> dict:
+def _config_without_card(card: dict, card_path: Path, fallback: dict, checkpoint: str | Path) -> dict:
     """The network config for a card that does not record ``network_def``: ``fallback`` (``target`` and settings),
     with what an older card's ``trained_on`` does record (the class, a named encoder, the padding)."""
     from monai_wsl import networks
