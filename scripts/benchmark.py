@@ -39,6 +39,7 @@ slide path runs), and each backend's largest difference from eager PyTorch.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import tempfile
 import time
@@ -156,6 +157,17 @@ def pure_compute(wf) -> dict[str, float]:
             inferer(x, network)
     _sync(device)
     return {"steps": steps, "validation": time.perf_counter() - start}
+
+
+def _override(text: str) -> tuple[str, object]:
+    """``id=value`` as the bundle's command line reads it: a Python literal (``0``, ``true``, ``[1]``) or a string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--override {text!r}: give id=value, e.g. num_workers=0")
+    try:
+        return key, ast.literal_eval({"true": "True", "false": "False"}.get(value, value))
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def run_recipe(recipe: str, epochs: int, out: Path, overrides: dict | None = None, src: str | None = None) -> dict:
@@ -522,7 +534,7 @@ def main() -> None:
         print(f"peak memory      : {r['peak_rss_mb']:8.0f} MB")
     elif args.recipe:
         out = Path(args.out or tempfile.mkdtemp(prefix="monai_wsl_benchmark_"))
-        overrides = {"num_workers": args.num_workers, **dict(o.split("=", 1) for o in args.override)}
+        overrides = {"num_workers": args.num_workers, **dict(_override(o) for o in args.override)}
         r = run_recipe(args.recipe, args.epochs, out, overrides, args.src)
         print_recipe(r, args.epochs)
     else:

@@ -118,3 +118,16 @@ def test_wsi_run_times_each_backend_on_the_same_patches_and_splits_the_time(tmp_
         assert split["plan"] > 0 and split["read"] > 0 and split["forward"] > 0
         assert sum(split.values()) == pytest.approx(min(row["whole_path_s"]))
         assert row["whole_path_patches_per_s"] == pytest.approx(r["patches_run"] / min(row["whole_path_s"]))
+
+
+def test_overrides_read_values_as_the_bundle_command_line_does():
+    """``--override num_workers=0`` must reach the DataLoader as the integer 0 (a string stops it), ``true`` as a
+    bool, and a torch expression or a word as the string given."""
+    read = load_benchmark()._override
+    assert read("num_workers=0") == ("num_workers", 0)
+    assert read("fold_padding=true") == ("fold_padding", True)
+    assert read("memory_format=$torch.channels_last") == ("memory_format", "$torch.channels_last")
+    assert read("fold_padding=auto") == ("fold_padding", "auto")
+    assert read("lr=3e-3") == ("lr", 3e-3)
+    with pytest.raises(SystemExit, match="id=value"):
+        read("num_workers")

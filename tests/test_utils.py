@@ -1,0 +1,70 @@
+"""monai_wsl.utils.keep_freed_memory: what it switches on, and that memory freed by tensors is reused without the
+kernel zeroing it anew (page faults counted in a fresh process, before and after the call)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from monai_wsl.utils import keep_freed_memory
+
+linux_glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or "glibc" not in " ".join(__import__("platform").libc_ver()),
+    reason="glibc's mallopt",
+)
+
+# Five training steps of a small convolutional network on 2 x 3 x 128 x 128 images (activations of 3 MiB, about 50
+# MiB a step), after two to warm up: glibc by itself gives much of each step's memory back to the system and faults
+# it in again, page by page, in the next step.
+_PROBE = """
+import json, resource, sys, torch
+from monai_wsl.utils import keep_freed_memory
+torch.manual_seed(0)
+torch.set_num_threads(1)
+set_ = keep_freed_memory("cpu", sys.argv[1])
+layers = [torch.nn.Conv2d(3 if i == 0 else 24, 24, 3, padding=1) for i in range(4)]
+net = torch.nn.Sequential(*[m for conv in layers for m in (conv, torch.nn.BatchNorm2d(24), torch.nn.ReLU())])
+x = torch.rand(2, 3, 128, 128)
+def step():
+    net(x).mean().backward()
+step(); step()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(json.dumps({"set": set_, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start}))
+"""
+
+
+def _probe(enabled: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", _PROBE, enabled], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@linux_glibc
+def test_freed_memory_is_reused_without_page_faults():
+    off, on = _probe("false"), _probe("true")
+    assert off["set"] is False and on["set"] is True
+    step_pages = 50 * 2**20 // 4096  # a step's memory, page by page
+    assert off["faults"] > step_pages, off  # the probe sees the cost it is meant to remove (about 29,000 here)
+    assert on["faults"] * 10 < off["faults"], (on, off)  # (0 here)
+
+
+@linux_glibc
+@pytest.mark.parametrize(
+    ("device", "enabled", "expected"),
+    [
+        ("cpu", "auto", True),
+        (torch.device("cpu"), "auto", True),
+        ("cuda:0", "auto", False),
+        (torch.device("cuda", 1), "auto", False),
+        ("cuda", True, True),
+        ("cpu", "false", False),
+        ("cpu", False, False),
+    ],
+)
+def test_auto_is_on_for_cpus_only(device, enabled, expected):
+    assert keep_freed_memory(device, enabled) is expected
