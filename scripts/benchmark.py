@@ -297,9 +297,11 @@ def run_wsi(args) -> dict:
 
     from monai_wsl.inferers import SlideInferer
     from monai_wsl.networks import MaxMinUncertaintyNet
+    from monai_wsl.utils import keep_freed_memory
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
+    keep_freed_memory(dev)  # as inference_wsi.json does
     net = MaxMinUncertaintyNet(encoder=args.encoder, pretrained=True).eval().to(dev)
     if args.checkpoint:
         net.load_state_dict(torch.load(args.checkpoint, map_location=dev, weights_only=True))
@@ -314,7 +316,7 @@ def run_wsi(args) -> dict:
             overlap=args.overlap,
             level=args.level,
             batch_size=args.batch,
-            num_workers=args.num_workers,
+            num_workers=2 if args.num_workers is None else args.num_workers,
             device=dev,
             amp=args.amp,
             progress=False,
@@ -482,7 +484,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the end-to-end run")
     parser.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "glas"), help="GlaS folder")
     parser.add_argument("--out", help="folder for the run's datalist, models and logs (default: a temporary one)")
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        help="--recipe: the DataLoader's workers (default: the bundle's, 0 on CPUs); --wsi: patch-reading threads (2)",
+    )
     parser.add_argument("--override", nargs="*", default=[], help="more bundle overrides, as id=value")
     parser.add_argument("--encoder", default="efficientnet-lite0")
     parser.add_argument("--size", type=int, default=224)
@@ -534,7 +540,8 @@ def main() -> None:
         print(f"peak memory      : {r['peak_rss_mb']:8.0f} MB")
     elif args.recipe:
         out = Path(args.out or tempfile.mkdtemp(prefix="monai_wsl_benchmark_"))
-        overrides = {"num_workers": args.num_workers, **dict(_override(o) for o in args.override)}
+        workers = {} if args.num_workers is None else {"num_workers": args.num_workers}
+        overrides = {**workers, **dict(_override(o) for o in args.override)}
         r = run_recipe(args.recipe, args.epochs, out, overrides, args.src)
         print_recipe(r, args.epochs)
     else:

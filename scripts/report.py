@@ -141,7 +141,9 @@ def run_all(args, runs: list[Run]) -> int:
     recipe = {k: v for k, v in (("max_epochs", args.max_epochs), ("crop_size", args.crop_size),
                                 ("resize_short_side", args.resize_short_side)) if v is not None}  # fmt: skip
     # the tables' protocol: the mask as the network gives it (no flips) unless a run asks (the study's eval_flips)
-    common = {"dataset_dir": out, "progress_bar": False, "num_workers": args.num_workers, "eval_flips": False}
+    common = {"dataset_dir": out, "progress_bar": False, "eval_flips": False}
+    if args.num_workers is not None:
+        common["num_workers"] = args.num_workers
     common.update(**recipe, **dict(args.set))
     env = job_environment(args.jobs)
     by_name = {r.name: r for r in RUNS}
@@ -379,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-epochs", type=int, help="override the recipe's 80 epochs")
     parser.add_argument("--crop-size", type=int, help="override the recipe's 416 crops")
     parser.add_argument("--resize-short-side", type=int, help="override the recipe's 432")
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument(
+        "--num-workers", type=int, help="the DataLoader's workers per training (default: the bundle's, 0 on CPUs)"
+    )
     parser.add_argument(
         "--jobs",
         type=int,
