@@ -17,7 +17,7 @@ linux_glibc = pytest.mark.skipif(
     reason="glibc's mallopt",
 )
 
-# Five training steps of a small convolutional network on 2 x 3 x 128 x 128 images (activations of 3 MiB, about 50
+# Ten training steps of a small convolutional network on 2 x 3 x 128 x 128 images (activations of 3 MiB, about 50
 # MiB a step), after two to warm up: glibc by itself gives much of each step's memory back to the system and faults
 # it in again, page by page, in the next step.
 _PROBE = """
@@ -33,7 +33,7 @@ def step():
     net(x).mean().backward()
 step(); step()
 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     step()
 print(json.dumps({"set": set_, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start}))
 """
@@ -48,9 +48,10 @@ def _probe(enabled: str) -> dict:
 def test_freed_memory_is_reused_without_page_faults():
     off, on = _probe("false"), _probe("true")
     assert off["set"] is False and on["set"] is True
-    step_pages = 50 * 2**20 // 4096  # a step's memory, page by page
-    assert off["faults"] > step_pages, off  # the probe sees the cost it is meant to remove (about 29,000 here)
-    assert on["faults"] * 10 < off["faults"], (on, off)  # (0 here)
+    # the probe sees the cost it is meant to remove: 43,000 to 126,000 faults here (glibc's thresholds move with
+    # what it has seen), more than 16 MiB faulted in again
+    assert off["faults"] > 4096, off
+    assert on["faults"] * 10 < off["faults"], (on, off)  # 0 to 2,300 here
 
 
 @linux_glibc
