@@ -48,9 +48,10 @@ _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest on 64-bit systems (mallopt r
 def keep_freed_memory(device: Any = "cpu", enabled: bool | str = "auto") -> bool:
     """Keep the memory that PyTorch frees on the CPU for the next step, instead of giving it back to the system.
 
-    glibc's allocator returns blocks over 32 MiB to the system when they are freed and trims the heap's free top above
-    64 MiB; a training or inference step on a CPU frees and allocates the same activations again and again, so each
-    step pays the kernel to zero the same pages anew (millions of page faults an epoch). On 2 cores that was a third of
+    glibc's allocator returns a freed block to the system when it is above its mmap threshold (128 KiB at first,
+    raised as blocks are freed, at most 32 MiB) and trims the heap's free top above twice that; a training or
+    inference step on a CPU frees and allocates the same activations again and again, so each step pays the kernel to
+    zero the same pages anew (millions of page faults an epoch). On 2 cores that was a third of
     a GlaS epoch (docs/results.md, table L). This sets glibc's thresholds so that blocks up to 32 MiB come from the
     heap and the heap keeps what it grew to: the process's memory stays near its peak, and the numbers computed do not
     change at all (allocation only). Applies to the whole process from this call on.
@@ -61,8 +62,15 @@ def keep_freed_memory(device: Any = "cpu", enabled: bool | str = "auto") -> bool
     from monai.utils import str2bool
 
     if isinstance(enabled, str) and enabled.lower() == "auto":
-        enabled = str(getattr(device, "type", device)).split(":")[0] == "cpu"
-    if not str2bool(enabled) or not sys.platform.startswith("linux"):
+        enabled = _is_cpu(device)
+    try:
+        enabled = str2bool(enabled)
+    except ValueError:
+        raise ValueError(
+            f"keep_freed_memory must be auto, true or false, not {enabled!r}: pass --keep_freed_memory auto (on for "
+            "CPUs), true or false."
+        ) from None
+    if not enabled or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -83,7 +91,12 @@ def data_workers(device: Any = "cpu", elsewhere: int = 2) -> int:
     ``elsewhere``. On a CPU the DataLoader's worker processes take the cores from the step's threads, which wait for
     each other: on 2 cores an epoch of the GlaS recipe took 63.7 s with 2 workers and 42.4 s without (docs/results.md,
     table L), while the augmentation itself costs under a second an epoch."""
-    return 0 if str(getattr(device, "type", device)).split(":")[0] == "cpu" else int(elsewhere)
+    return 0 if _is_cpu(device) else int(elsewhere)
+
+
+def _is_cpu(device: Any) -> bool:
+    """Whether ``device`` (a ``torch.device`` or its name, such as ``"cpu"`` or ``"cuda:1"``) is a CPU."""
+    return str(getattr(device, "type", device)).split(":")[0] == "cpu"
 
 
 def list_images(folder: str | Path, exclude_masks: bool = True) -> list[dict[str, str]]:

@@ -97,3 +97,8 @@ def test_bundle_loads_data_in_the_training_process_on_cpus_and_keeps_freed_memor
         call = {"_target_": "monai_wsl.utils.keep_freed_memory", "device": "@device", "enabled": "@keep_freed_memory"}
         calls = [c for c in merged["initialize"] if c == call]
         assert len(calls) == 1, files
+
+
+def test_a_wrong_switch_names_the_setting_and_its_values():
+    with pytest.raises(ValueError, match="keep_freed_memory must be auto, true or false, not 'sometimes'"):
+        keep_freed_memory("cpu", "sometimes")
