@@ -162,6 +162,30 @@ def evaluate_rules(
     return summarise(per_rule)
 
 
+VIEWS = ("x", "x * M", "x * (1 - M)", "x * G", "x * (1 - G)")
+
+
+def classifier_views(net, items: list[dict]) -> dict[int, dict[str, float]]:
+    """What the max-min principle asks of the classifier, measured: by class, the mean probability it gives the true
+    class on the image ``x``, on the masked image ``x * M`` and its complement ``x * (1 - M)`` (``M`` the soft mask,
+    as the loss sees it), and on the same with the glands ``G`` (the ground truth) as the mask. The complement should
+    leave the classifier uncertain (1 / K); where ``x * (1 - M)`` is classified as surely as ``x``, the complement
+    still shows the class and nothing in the loss asks the mask to take the rest of it."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    load = LoadImage(image_only=True)
+    seen: dict[int, list[list[float]]] = {}
+    with torch.no_grad():
+        for item in items:
+            image = EnsureChannelFirst()(load(item["image"])).as_tensor().float()
+            x = (image.expand(3, *image.shape[1:]) if image.shape[0] == 1 else image[:3])[None] / 127.5 - 1
+            glands = (EnsureChannelFirst()(load(item["mask"])).as_tensor()[:1] > 0).float()[None]
+            mask, label = net.segment(x), int(item["label"])
+            views = (x, x * mask, x * (1 - mask), x * glands, x * (1 - glands))
+            seen.setdefault(label, []).append([float(net.classify(v).softmax(1)[0, label]) for v in views])
+    return {label: dict(zip(VIEWS, torch.tensor(rows).mean(0).tolist())) for label, rows in sorted(seen.items())}
+
+
 def record(per_rule: dict, name: str, score, seg, truth, label: int) -> None:
     """Add one image's scores under ``name``."""
     from monai.metrics import compute_dice
@@ -201,6 +225,14 @@ def load_network(checkpoint: Path, encoder: str | None = None, output_stride: in
     return load_trained_network(checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
 
 
+def print_views(views: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    print("\nthe classifier's probability of each image's true class, mean by class\n")
+    print("| class | " + " | ".join(VIEWS) + " |\n|---|" + "---|" * len(VIEWS))
+    for label, row in views.items():
+        print(f"| {label} | " + " | ".join(f"{row[v]:.3f}" for v in VIEWS) + " |")
+    return views
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -235,6 +267,11 @@ def main() -> None:
         metavar="PIXELS",
         help="also average M over flips and the grid phases 0 and PIXELS on each axis (16: half a cell of the "
         "stride-32 map; 16 passes of the localizer per image)",
+    )
+    parser.add_argument(
+        "--views",
+        action="store_true",
+        help="also the classifier's probability of the true class on x, x * M, x * (1 - M), x * G and x * (1 - G)",
     )
     parser.add_argument("--json", help="write everything to this file")
     args = parser.parse_args()
@@ -276,6 +313,8 @@ def main() -> None:
             cells = [_pct(row[k]) for k in ("f1_pos", "f1_neg", "pxap")]
             cells += [f"{_pct(row[f'mask_share_{c}'])} / {_pct(row[f'truth_share_{c}'])}" for c in labels]
             print(f"| {rule} | " + " | ".join(cells) + " |")
+        if args.views:
+            results.setdefault("views", {})[name] = print_views(classifier_views(net, items))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -86,6 +86,10 @@ RUNS = [
         overrides={"network_def#output_stride": 16}),
     Run("study", "size_floor_0.25", "each mask held above 25 % of its image (a barrier; the training glands' 10th "
         "percentile on benign images)", overrides={"loss_def#min_foreground": 0.25}),
+    Run("study", "kmax_0.5", "WILDCAT kmax 0.5 (the top half of the map's cells make the class score; paper 0.3)",
+        overrides={"network_def#wildcat#kmax": 0.5}),
+    Run("study", "w_10", "mask slope w 10 (a mask nearer to binary: the classifier sees less of what it leaves out; "
+        "paper 5)", overrides={"network_def#w": 10.0}),
 ]  # fmt: skip
 GROUPS = {
     "methods": "Methods (same data, encoder, recipe and metrics; only the method's config differs)",

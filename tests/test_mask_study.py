@@ -131,3 +131,36 @@ def test_grid_phase_averaging_crops_each_shift_back():
     unshifted = framed["M averaged over flips >= 0.5"][0]
     averaged = framed["M averaged over flips and shifts 0 / 8 >= 0.5"][0]
     assert (averaged - unshifted).abs().max() > 0.1
+
+
+def test_classifier_views_score_each_view_the_loss_builds(tmp_path):
+    """The classifier's probability of the true class on x, x * M, x * (1 - M), x * G and x * (1 - G), by class:
+    a mask G over the whole image leaves x as it is and blanks the complement; x * M is the network's own mask."""
+    study = load_study()
+    import numpy as np
+    from PIL import Image
+
+    from monai_wsl.networks import MaxMinUncertaintyNet
+
+    torch.manual_seed(0)
+    net = MaxMinUncertaintyNet(encoder="efficientnet-lite0", pretrained=False).eval()
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (label, glands) in enumerate([(0, 1), (1, 1)]):
+        pixels = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"i{i}.png")
+        Image.fromarray(np.full((64, 96), 255 * glands, np.uint8)).save(tmp_path / f"i{i}_anno.png")
+        items.append({"image": str(tmp_path / f"i{i}.png"), "mask": str(tmp_path / f"i{i}_anno.png"), "label": label})
+    views = study.classifier_views(net, items)
+    assert sorted(views) == [0, 1] and list(views[0]) == list(study.VIEWS)
+    x = torch.from_numpy(np.array(Image.open(items[1]["image"]))).permute(2, 1, 0)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        mask = net.segment(x)
+        views_x = (x, x * mask, x * (1 - mask), torch.zeros_like(x))
+        direct = [net.classify(v).softmax(1)[0, 1].item() for v in views_x]
+    assert views[1]["x"] == pytest.approx(direct[0], abs=1e-5)
+    assert views[1]["x * M"] == pytest.approx(direct[1], abs=1e-5)
+    assert views[1]["x * (1 - M)"] == pytest.approx(direct[2], abs=1e-5)
+    assert views[1]["x * G"] == pytest.approx(direct[0], abs=1e-5)  # G covers everything: x * G is x
+    assert views[1]["x * (1 - G)"] == pytest.approx(direct[3], abs=1e-5)  # and its complement is blank
+    assert 0 < views[0]["x"] < 1 and views[0]["x"] != pytest.approx(views[1]["x"], abs=1e-6)  # class 0's own image
