@@ -15,6 +15,10 @@ rules for turning the localizer's map into a mask would score, on the same valid
    Each with F1+, F1-, PxAP (pooled, binned as the bundle's) and the mask's share of the image against the glands'
    share, by class.
 
+3. With ``--views``, what the max-min principle asks of the classifier: its probability of the true class on the
+   image, the masked image, its complement, and the same with the glands as the mask. With ``--ceiling 32``, what a
+   perfect map on the encoder's 32-pixel grid scores (the glands pooled to the grid): the resolution's own limit.
+
 Images and masks are read and scaled as the bundle's validation reads them; the default rule reproduces the
 bundle's validation metrics of the same weights.
 """
@@ -186,6 +190,23 @@ def classifier_views(net, items: list[dict]) -> dict[int, dict[str, float]]:
     return {label: dict(zip(VIEWS, torch.tensor(rows).mean(0).tolist())) for label, rows in sorted(seen.items())}
 
 
+def grid_ceiling(items: list[dict], strides: list[int]) -> dict[str, dict[str, float]]:
+    """The best a map on a grid of ``stride`` pixels can score: the glands' share of each cell (the ground truth
+    area-pooled to the grid), upsampled bilinearly as the network's map is, as the score; ``>= 0.5`` as the mask."""
+    import torch.nn.functional as F
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    load = LoadImage(image_only=True)
+    per_rule: dict[str, dict] = {}
+    for item in items:
+        truth = (EnsureChannelFirst()(load(item["mask"])).as_tensor()[:1] > 0).float()[None]
+        for stride in strides:
+            cells = F.avg_pool2d(truth, stride, stride, ceil_mode=True)
+            score = F.interpolate(cells, size=truth.shape[2:], mode="bilinear", align_corners=False)
+            record(per_rule, f"the glands on a {stride}-pixel grid", score, score >= 0.5, truth, int(item["label"]))
+    return summarise(per_rule)
+
+
 def record(per_rule: dict, name: str, score, seg, truth, label: int) -> None:
     """Add one image's scores under ``name``."""
     from monai.metrics import compute_dice
@@ -223,6 +244,18 @@ def load_network(checkpoint: Path, encoder: str | None = None, output_stride: in
     given = {"encoder": encoder} if encoder else {}
     given.update({"output_stride": output_stride} if output_stride else {})
     return load_trained_network(checkpoint, without_card={"encoder": "efficientnet-lite0"}, **given)
+
+
+def print_rules(title: str, rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    labels = sorted({k.rsplit("_", 1)[1] for row in rows.values() for k in row if k.startswith("mask_share_")})
+    shares = " | ".join(f"mask / glands, class {c}" for c in labels)
+    print(f"\n{title}\n")
+    print(f"| mask rule | F1+ | F1- | PxAP | {shares} |\n|---|---|---|---|" + "---|" * len(labels))
+    for rule, row in rows.items():
+        cells = [_pct(row[k]) for k in ("f1_pos", "f1_neg", "pxap")]
+        cells += [f"{_pct(row[f'mask_share_{c}'])} / {_pct(row[f'truth_share_{c}'])}" for c in labels]
+        print(f"| {rule} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def print_views(views: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
@@ -273,6 +306,14 @@ def main() -> None:
         action="store_true",
         help="also the classifier's probability of the true class on x, x * M, x * (1 - M), x * G and x * (1 - G)",
     )
+    parser.add_argument(
+        "--ceiling",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="STRIDE",
+        help="also what a perfect map on grids of these strides scores (the ground truth pooled to the grid)",
+    )
     parser.add_argument("--json", help="write everything to this file")
     args = parser.parse_args()
 
@@ -304,17 +345,12 @@ def main() -> None:
             continue
         net = load_network(checkpoint, args.encoder, args.output_stride)
         rows = evaluate_rules(net, items, args.thresholds, [None, *args.short_sides], args.shifts)
-        results["rules"][name] = rows
-        labels = sorted({k.rsplit("_", 1)[1] for row in rows.values() for k in row if k.startswith("mask_share_")})
-        shares = " | ".join(f"mask / glands, class {c}" for c in labels)
-        print(f"\n{name} ({checkpoint}), {len(items)} images\n")
-        print(f"| mask rule | F1+ | F1- | PxAP | {shares} |\n|---|---|---|---|" + "---|" * len(labels))
-        for rule, row in rows.items():
-            cells = [_pct(row[k]) for k in ("f1_pos", "f1_neg", "pxap")]
-            cells += [f"{_pct(row[f'mask_share_{c}'])} / {_pct(row[f'truth_share_{c}'])}" for c in labels]
-            print(f"| {rule} | " + " | ".join(cells) + " |")
+        results["rules"][name] = print_rules(f"{name} ({checkpoint}), {len(items)} images", rows)
         if args.views:
             results.setdefault("views", {})[name] = print_views(classifier_views(net, items))
+    if args.ceiling:
+        title = f"a perfect map on the encoder's grid: the glands pooled to it, {len(items)} images"
+        results["ceiling"] = print_rules(title, grid_ceiling(items, args.ceiling))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

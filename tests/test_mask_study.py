@@ -164,3 +164,27 @@ def test_classifier_views_score_each_view_the_loss_builds(tmp_path):
     assert views[1]["x * G"] == pytest.approx(direct[0], abs=1e-5)  # G covers everything: x * G is x
     assert views[1]["x * (1 - G)"] == pytest.approx(direct[3], abs=1e-5)  # and its complement is blank
     assert 0 < views[0]["x"] < 1 and views[0]["x"] != pytest.approx(views[1]["x"], abs=1e-6)  # class 0's own image
+
+
+def test_grid_ceiling_is_exact_on_the_grid_and_blind_below_it(tmp_path):
+    """A perfect map pooled to the encoder's grid keeps glands whose borders lie on the cells' borders exactly, and
+    loses a gland narrower than half a cell."""
+    study = load_study()
+    import numpy as np
+    from PIL import Image
+
+    aligned = np.zeros((64, 96), np.uint8)
+    aligned[:, :64] = 255  # two of three 32-pixel columns of cells
+    narrow = np.zeros((64, 96), np.uint8)
+    narrow[:, 40:48] = 255  # 8 pixels wide: a quarter of a cell
+    items = []
+    for i, (label, glands) in enumerate([(0, aligned), (1, narrow)]):
+        Image.fromarray(glands).save(tmp_path / f"m{i}.png")
+        items.append({"image": "unused", "mask": str(tmp_path / f"m{i}.png"), "label": label})
+    rows = study.grid_ceiling(items[:1], [32])
+    row = rows["the glands on a 32-pixel grid"]
+    assert row["f1_pos"] == pytest.approx(1.0) and row["f1_neg"] == pytest.approx(1.0)
+    assert row["pxap"] > 0.99 and row["mask_share_0"] == pytest.approx(2 / 3)
+    row = study.grid_ceiling(items, [32, 8])
+    assert row["the glands on a 32-pixel grid"]["mask_share_1"] == 0  # below the grid: nothing marked
+    assert row["the glands on a 8-pixel grid"]["mask_share_1"] == pytest.approx(8 / 96)
