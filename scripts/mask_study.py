@@ -142,22 +142,32 @@ def mask_rules(
     return rules
 
 
+def read_image(item: dict) -> torch.Tensor:
+    """The item's image as the bundle's validation gives it to the network: ``(1, 3, H, W)`` in [-1, 1]."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    image = EnsureChannelFirst()(LoadImage(image_only=True)(item["image"])).as_tensor().float()
+    if image.shape[0] == 1:
+        image = image.expand(3, *image.shape[1:])
+    return (image[:3] / 127.5 - 1)[None]
+
+
+def read_glands(item: dict) -> torch.Tensor:
+    """The item's gland mask, binarised (instance ids > 0): ``(1, 1, H, W)``."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    return (EnsureChannelFirst()(LoadImage(image_only=True)(item["mask"])).as_tensor()[:1] > 0).float()[None]
+
+
 def evaluate_rules(
     net, items: list[dict], thresholds: list[float], short_sides: list[int | None], shift: int = 0
 ) -> dict[str, dict[str, float]]:
     """Per rule and input scale (``None``: the image as it is, the bundle's; else resized so that its short side
     is that many pixels, the mask scored at the image's own size): mean F1+ / F1- over images, pooled binned PxAP,
     and the mean mask / ground-truth share by class."""
-    from monai.transforms import EnsureChannelFirst, LoadImage
-
-    load = LoadImage(image_only=True)
     per_rule: dict[str, dict] = {}
     for item in items:
-        image = EnsureChannelFirst()(load(item["image"])).as_tensor().float()
-        if image.shape[0] == 1:
-            image = image.expand(3, *image.shape[1:])
-        x = (image[:3] / 127.5 - 1)[None]
-        truth = (EnsureChannelFirst()(load(item["mask"])).as_tensor()[:1] > 0).float()[None]
+        x, truth = read_image(item), read_glands(item)
         label = int(item["label"])
         for short in short_sides:
             where = "as is" if short is None else f"short side {short}"
@@ -175,15 +185,10 @@ def classifier_views(net, items: list[dict]) -> dict[int, dict[str, float]]:
     as the loss sees it), and on the same with the glands ``G`` (the ground truth) as the mask. The complement should
     leave the classifier uncertain (1 / K); where ``x * (1 - M)`` is classified as surely as ``x``, the complement
     still shows the class and nothing in the loss asks the mask to take the rest of it."""
-    from monai.transforms import EnsureChannelFirst, LoadImage
-
-    load = LoadImage(image_only=True)
     seen: dict[int, list[list[float]]] = {}
     with torch.no_grad():
         for item in items:
-            image = EnsureChannelFirst()(load(item["image"])).as_tensor().float()
-            x = (image.expand(3, *image.shape[1:]) if image.shape[0] == 1 else image[:3])[None] / 127.5 - 1
-            glands = (EnsureChannelFirst()(load(item["mask"])).as_tensor()[:1] > 0).float()[None]
+            x, glands = read_image(item), read_glands(item)
             mask, label = net.segment(x), int(item["label"])
             views = (x, x * mask, x * (1 - mask), x * glands, x * (1 - glands))
             seen.setdefault(label, []).append([float(net.classify(v).softmax(1)[0, label]) for v in views])
@@ -194,12 +199,10 @@ def grid_ceiling(items: list[dict], strides: list[int]) -> dict[str, dict[str, f
     """The best a map on a grid of ``stride`` pixels can score: the glands' share of each cell (the ground truth
     area-pooled to the grid), upsampled bilinearly as the network's map is, as the score; ``>= 0.5`` as the mask."""
     import torch.nn.functional as F
-    from monai.transforms import EnsureChannelFirst, LoadImage
 
-    load = LoadImage(image_only=True)
     per_rule: dict[str, dict] = {}
     for item in items:
-        truth = (EnsureChannelFirst()(load(item["mask"])).as_tensor()[:1] > 0).float()[None]
+        truth = read_glands(item)
         for stride in strides:
             cells = F.avg_pool2d(truth, stride, stride, ceil_mode=True)
             score = F.interpolate(cells, size=truth.shape[2:], mode="bilinear", align_corners=False)
