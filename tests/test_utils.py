@@ -17,11 +17,13 @@ linux_glibc = pytest.mark.skipif(
     reason="glibc's mallopt",
 )
 
-# Ten training steps of a small convolutional network on 2 x 3 x 128 x 128 images (activations of 3 MiB, about 50
-# MiB a step), after two to warm up: glibc by itself gives much of each step's memory back to the system and faults
-# it in again, page by page, in the next step.
+# Twenty training steps of a small convolutional network on 2 x 3 x 128 x 128 images (activations of 3 MiB, about 50
+# MiB a step), after three to warm up: glibc by itself gives much of each step's memory back to the system and faults
+# it in again, page by page, in the next step. The faults are counted step by step and compared by their median: now
+# and then a step faults in a few hundred pages whatever the setting (a thread's arena, glibc's thresholds moving with
+# what it has seen), and a total over all steps let one such step decide the test.
 _PROBE = """
-import json, resource, sys, torch
+import json, resource, statistics, sys, torch
 from monai_wsl.utils import data_workers, keep_freed_memory
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -31,11 +33,15 @@ net = torch.nn.Sequential(*[m for conv in layers for m in (conv, torch.nn.BatchN
 x = torch.rand(2, 3, 128, 128)
 def step():
     net(x).mean().backward()
-step(); step()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step(); step(); step()
+per_step = []
+for _ in range(20):
+    start = faults()
     step()
-print(json.dumps({"set": set_, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start}))
+    per_step.append(faults() - start)
+print(json.dumps({"set": set_, "faults": statistics.median(per_step), "per_step": per_step}))
 """
 
 
@@ -48,10 +54,10 @@ def _probe(enabled: str) -> dict:
 def test_freed_memory_is_reused_without_page_faults():
     off, on = _probe("false"), _probe("true")
     assert off["set"] is False and on["set"] is True
-    # the probe sees the cost it is meant to remove: 43,000 to 126,000 faults here (glibc's thresholds move with
-    # what it has seen), more than 16 MiB faulted in again
-    assert off["faults"] > 4096, off
-    assert on["faults"] * 10 < off["faults"], (on, off)  # 0 to 2,300 here
+    # the probe sees the cost it is meant to remove: a median of 2,500 to 8,400 faults a step here (10 to 33 MiB
+    # faulted in again each step; 1,300 a step on average in the CI run that saw the fewest)
+    assert off["faults"] > 256, off
+    assert on["faults"] * 10 < off["faults"], (on, off)  # a median of 0 here, in every run
 
 
 @linux_glibc
