@@ -88,6 +88,10 @@ RUNS = [
         "percentile on benign images)", overrides={"loss_def#min_foreground": 0.25}),
     Run("study", "kmax_0.5", "WILDCAT kmax 0.5 (the top half of the map's cells make the class score; paper 0.3)",
         overrides={"network_def#wildcat#kmax": 0.5}),
+    Run("study", "kmax_0.7", "WILDCAT kmax 0.7 (the top 70 % of the map's cells make the class score; paper 0.3)",
+        overrides={"network_def#wildcat#kmax": 0.7}),
+    Run("study", "kmax_0.5_lr_3e-3", "WILDCAT kmax 0.5 and learning rate 3e-3 (the two best single changes together)",
+        overrides={"network_def#wildcat#kmax": 0.5, "lr": 3e-3}),
     Run("study", "w_10", "mask slope w 10 (a mask nearer to binary: the classifier sees less of what it leaves out; "
         "paper 5)", overrides={"network_def#w": 10.0}),
 ]  # fmt: skip
