@@ -14,7 +14,8 @@ masks, from ``../shared/data``) and ``~/slides`` (the small real SVS of the ``hi
 Checked: pip prints no dependency conflict and ``pip check`` passes; each server starts on 127.0.0.1 offline (its
 log is ``~/server_<n>.log``); ``/info`` lists the model; the label PNGs for the JPG and the BMP equal the masks of the
 bundle's own ``inference.json`` run on the same folder; the ``*_anno`` masks are not listed as images; the slide
-region's polygons equal the bundle's own region inference; the default slide reply is a DSA document; an unknown id
+region's polygons equal the bundle's own region inference; the default slide reply is a DSA document; a level-1
+region of a pyramid slide (``~/slides/pyramid.tif``, not in the README) comes back whole; an unknown image or slide id
 is answered 400 with the id; both servers' logs warn that the model was trained on the synthetic set. Exits 1 naming
 what failed. Run it from the project's own environment (``pip install -e .``): it runs ``inference.json`` there.
 """
@@ -152,6 +153,10 @@ def lay_out(home: Path) -> dict:
     (home / "slides").mkdir()
     shutil.copy(real_svs(home.parent), home / "slides" / "cmu_small_region.svs")
     (home / "work").mkdir()
+    # a pyramid (3072 x 2048 at level 0, levels halving) for a level-1 region: its mask stays out of the studies
+    from monai_wsl.data import write_synthetic_slide
+
+    shutil.copy(write_synthetic_slide(home / "work" / "pyramid.tif"), home / "slides" / "pyramid.tif")
     return {"clone": clone, "images": images, "jpg": jpg, "bmp": bmp}
 
 
@@ -358,6 +363,9 @@ def check_slides(block: list[str], home: Path, port: int, layout: dict, timeout:
             stdout, seconds = request(substitute(c, home, port), home)
             replies.append((c, stdout))
             figures[f"request {len(replies)} (s)"] = round(seconds, 1)
+        url = f"http://127.0.0.1:{port}/infer/wsi_v2/{MODEL}?image=pyramid"
+        level1, seconds = request(f"curl -s -X POST '{url}' -F 'wsi={json.dumps(LEVEL1)}'", home)
+        figures["level-1 region (s)"] = round(seconds, 1)
     finally:
         server.stop()
     log = server.log.read_text()
@@ -397,7 +405,26 @@ def check_slides(block: list[str], home: Path, port: int, layout: dict, timeout:
             xs = [p[0] for e in elements for p in e["points"]]
             ys = [p[1] for e in elements for p in e["points"]]
             check(x0 <= min(xs) and max(xs) <= x0 + w and y0 <= min(ys) and max(ys) <= y0 + h, "inside the region")
+    check_level1(response_json(level1))
     return figures
+
+
+# Not in the README: a level-1 region four tiles wide and two high (level-0 pixels x 768-2304, y 512-1536). MONAI Label
+# 0.8.5 alone would cut it in level-0 pixels and cover its first half on each side (x up to 1536, y up to 1024).
+LEVEL1 = {"level": 1, "location": [768, 512], "size": [768, 512], "tile_size": [256, 256]}
+
+
+def check_level1(reply: object) -> None:
+    elements = reply.get("elements") if isinstance(reply, dict) else None
+    check(bool(elements), f"level-1 region: a DSA document ({len(elements or [])} polylines)")
+    xs = [p[0] for e in elements for p in e["points"]]
+    ys = [p[1] for e in elements for p in e["points"]]
+    (x0, y0), (w, h) = LEVEL1["location"], [2 * v for v in LEVEL1["size"]]
+    check(x0 <= min(xs) and max(xs) <= x0 + w and y0 <= min(ys) and max(ys) <= y0 + h, "level 1: inside the region")
+    check(
+        max(xs) > x0 + 0.75 * w and max(ys) > y0 + 0.75 * h,
+        f"level 1: regions over the whole region, not its first half on each side (x to {max(xs)}, y to {max(ys)})",
+    )
 
 
 def main() -> int:

@@ -398,3 +398,24 @@ def test_a_model_of_the_synthetic_set_is_served_with_a_warning(tmp_path):
         synthetic_model_warning(checkpoint)
     message = unknown_image_message("train_99", tmp_path)
     assert "'train_99'" in message and str(tmp_path) in message
+
+
+@pytest.mark.parametrize(
+    ("request_", "region"),
+    [
+        ({"image": "/studies/train_12.jpg"}, False),  # /infer/{model} on a GlaS image: the bundle's image task
+        ({"image": "/studies/train_1.BMP", "output": "image"}, False),
+        ({"image": "/studies/cmu_small_region.svs"}, True),  # a slide file goes to the slide task (which asks a size)
+        ({"image": "/studies/slide.TIFF"}, True),
+        ({"image": "/studies/train_12.jpg", "location": [0, 0], "size": [512, 512]}, True),  # a tile of /infer/wsi_v2
+        ({"image": "/studies/train_12.jpg", "size": [512, 512]}, True),
+        ({"image": "/studies/train_12.jpg", "location": None, "size": None}, False),
+        ({"image": None}, False),
+    ],
+)
+def test_a_request_goes_to_the_slide_task_when_it_asks_for_a_region_or_names_a_slide(request_, region):
+    """The app serves images and slide regions under one model name: a request with a location or a size (every tile
+    of /infer/wsi_v2) or one for a slide file is a region; any other is an image for the bundle's inference.json."""
+    from monai_wsl.apps import is_region_request
+
+    assert is_region_request(request_) is region

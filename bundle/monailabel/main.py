@@ -1,17 +1,20 @@
-"""A MONAI Label app that serves the monai_wsl bundle's localizer on whole slides: QuPath or the Digital Slide Archive
-ask MONAI Label's ``/infer/wsi_v2/wsl_histology_segmentation`` for a region of a slide and get the regions of the
-localizer's mask back, as polygons in level-0 pixels (DSA JSON, ASAP XML or JSON).
+"""A MONAI Label app that serves the monai_wsl bundle's localizer on images and whole slides: ``/infer/
+wsl_histology_segmentation?image=ID`` gives an image's label map (the bundle's ``inference.json``), and QuPath or the
+Digital Slide Archive ask ``/infer/wsi_v2/wsl_histology_segmentation`` for a region of a slide and get the regions of
+the localizer's mask back, as polygons in level-0 pixels (DSA JSON, ASAP XML or JSON). An id that is neither in the
+studies folder nor a file on the server is answered 400 naming it.
 
-    mkdir -p ~/apps/wsl_slides && cp bundle/monailabel/main.py ~/apps/wsl_slides/
-    monailabel start_server --app ~/apps/wsl_slides --studies FOLDER_OF_SLIDES --conf bundle PATH_TO/bundle \\
+    mkdir -p ~/apps/wsl && cp bundle/monailabel/main.py ~/apps/wsl/
+    monailabel start_server --app ~/apps/wsl --studies FOLDER_OF_IMAGES_OR_SLIDES --conf bundle PATH_TO/bundle \\
         --host 127.0.0.1 --port 8000
 
 (MONAI Label writes its log and folders into the app's folder: a copy keeps them out of the clone.) ``--conf bundle``
 is the bundle folder (default: the folder above this app, for an app started where it is), ``--conf model`` the
 trained model (default: ``<bundle>/models/model.pt``), ``--conf name`` the model's name in MONAI Label (default
-``wsl_histology_segmentation``). The task is :class:`monai_wsl.apps.monailabel.SlideRegionInferTask`; it builds its
-``SlideInferer`` from the bundle's ``inference.json`` + ``inference_wsi.json``. There is no trainer: the model learns
-from image-level labels, which MONAI Label's trainers do not give; train with the bundle
+``wsl_histology_segmentation``). The task is :class:`monai_wsl.apps.monailabel.ImagesAndSlidesInferTask`: slide
+regions go to ``SlideRegionInferTask`` (its ``SlideInferer`` built from the bundle's ``inference.json`` +
+``inference_wsi.json``), images to MONAI Label's own ``BundleInferTask`` on ``inference.json``. There is no trainer:
+the model learns from image-level labels, which MONAI Label's trainers do not give; train with the bundle
 (``python -m monai.bundle run --config_file bundle/configs/train.json``).
 """
 
@@ -30,7 +33,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 import monai_wsl
 from monai_wsl.apps import check_region_request, region_tiles, unknown_image_message
-from monai_wsl.apps.monailabel import SlideRegionInferTask
+from monai_wsl.apps.monailabel import BundleImageInferTask, ImagesAndSlidesInferTask, SlideRegionInferTask
 from monai_wsl.data import DataError
 from monai_wsl.model_card import log_synthetic_model_warning
 
@@ -40,7 +43,7 @@ DEFAULT_NAME = "wsl_histology_segmentation"
 
 
 class WSLHistologyApp(MONAILabelApp):
-    """The bundle's localizer as one MONAI Label model (``--conf name``) for slides and regions of slides."""
+    """The bundle's localizer as one MONAI Label model (``--conf name``) for images and regions of slides."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.bundle_root = Path(conf.get("bundle") or Path(app_dir).resolve().parent).expanduser().resolve()
@@ -68,12 +71,13 @@ class WSLHistologyApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name=f"MONAI Label - monai_wsl {monai_wsl.__version__} (MONAI Label {monailabel.__version__})",
-            description="Weakly-supervised histology localizer (max-min uncertainty) on whole slides",
+            description="Weakly-supervised histology localizer (max-min uncertainty) on images and whole slides",
             version=monai_wsl.__version__,
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        task = SlideRegionInferTask(self.bundle_root, self.model_path)
+        slides = SlideRegionInferTask(self.bundle_root, self.model_path)
+        task = ImagesAndSlidesInferTask(BundleImageInferTask(self.bundle_root, self.model_path, self.conf), slides)
         logger.info(f"+++ Adding Inferer:: {self.model_name} => {task} ({self.bundle_root}, {self.model_path})")
         log_synthetic_model_warning(self.model_path)
         return {self.model_name: task}

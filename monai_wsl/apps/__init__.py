@@ -11,6 +11,7 @@ from .slide_region import (
     build_slide_inferer,
     check_region_request,
     infer_slide_region,
+    is_region_request,
     region_annotation,
     region_tiles,
     synthetic_model_warning,

@@ -1,6 +1,8 @@
-"""The MONAI Label task that serves the bundle's localizer on whole slides: a region of a slide in (MONAI Label's
+"""The MONAI Label tasks that serve the bundle's localizer: on whole slides, a region of a slide in (MONAI Label's
 ``/infer/wsi_v2/{model}`` from QuPath or the Digital Slide Archive, or ``/infer/{model}`` with ``location``, ``size``
-and ``level``), the regions of the localizer's mask out, as polygons in level-0 pixels.
+and ``level``), the regions of the localizer's mask out, as polygons in level-0 pixels; on images (``/infer/{model}``
+with a GlaS BMP, JPG or PNG), the bundle's ``inference.json`` through MONAI Label's own ``BundleInferTask``, the label
+map out. :class:`ImagesAndSlidesInferTask` serves both under one model name.
 
 This module needs ``monailabel`` (``pip install monailabel``, in its own environment: it pulls its own torch); the
 rest of ``monai_wsl`` does not. The work itself is :func:`monai_wsl.apps.infer_slide_region`, which needs no
@@ -18,7 +20,12 @@ from typing import Any
 import torch
 from monai.utils import optional_import
 
-from monai_wsl.apps.slide_region import DEFAULT_LABEL_COLOR, build_slide_inferer, infer_slide_region
+from monai_wsl.apps.slide_region import (
+    DEFAULT_LABEL_COLOR,
+    build_slide_inferer,
+    infer_slide_region,
+    is_region_request,
+)
 from monai_wsl.data.check import DataError
 
 _basic_infer, _has_monailabel = optional_import("monailabel.tasks.infer.basic_infer")
@@ -30,11 +37,12 @@ if not _has_monailabel:
     )
 
 from fastapi import HTTPException  # noqa: E402  (monailabel's own dependency)
-from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType  # noqa: E402
 from monailabel.tasks.infer.basic_infer import BasicInferTask  # noqa: E402
+from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 from monailabel.transform.writer import PolygonWriter  # noqa: E402
 
-__all__ = ["SlideRegionInferTask"]
+__all__ = ["BundleImageInferTask", "ImagesAndSlidesInferTask", "SlideRegionInferTask"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +144,65 @@ class SlideRegionInferTask(BasicInferTask):
     def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[Any, dict]:
         # as MONAI Label's pathology tasks: the tile's JSON for infer_wsi, or one DSA / ASAP file for a direct request
         return PolygonWriter(label=self.output_label_key, json=self.output_json_key)(data)
+
+
+class BundleImageInferTask(BundleInferTask):
+    """MONAI Label's ``BundleInferTask`` (the task of its ``monaibundle`` app) on this bundle's ``inference.json``,
+    serving ``model_path`` only: its network is built from the model card beside it, and MONAI Label's model list
+    offers that one file (a training's checkpoints beside it in ``models/`` are not served).
+
+    Args:
+        bundle_root: the bundle folder (``configs/inference.json``, ``configs/metadata.json``).
+        model_path: the trained model (default: ``<bundle_root>/models/model.pt``).
+        conf: MONAI Label's app configuration (``--conf`` values).
+    """
+
+    def __init__(self, bundle_root: str | Path, model_path: str | Path | None = None, conf: dict | None = None):
+        self.model_path = Path(model_path) if model_path is not None else Path(bundle_root) / "models" / "model.pt"
+        super().__init__(str(bundle_root), dict(conf or {}))
+        if self.valid:
+            self.path = [str(self.model_path)]
+            self._config["model_filename"] = [self.model_path.name]
+
+    def _load_bundle_config(self, path: str, config: str) -> Any:
+        parser = super()._load_bundle_config(path, config)
+        parser.config["checkpoint"] = str(self.model_path)  # the network (its card) and the weights of this model
+        return parser
+
+
+class ImagesAndSlidesInferTask(InferTask):
+    """One MONAI Label model for images and slides, as MONAI Label's pathology models are: a request for a region of
+    a slide (:func:`~monai_wsl.apps.is_region_request`: a ``location`` or ``size``, or a slide file; every tile of
+    ``/infer/wsi_v2``) goes to ``slides``, any other (an image) to ``images``. ``/info`` shows the slide task's
+    settings (``pathology``, the threshold) with the image task's model file."""
+
+    def __init__(self, images: BundleImageInferTask, slides: SlideRegionInferTask) -> None:
+        super().__init__(
+            type=slides.type,
+            labels=slides.labels,
+            dimension=slides.dimension,
+            description="Weakly-supervised localizer (max-min uncertainty): the mask of an image, or its regions over "
+            "a slide region",
+            config={**images.config(), **slides.config()},
+        )
+        self.images, self.slides = images, slides
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "pathology": True}
+
+    def is_valid(self) -> bool:
+        return self.slides.is_valid()
+
+    def get_path(self, validate: bool = True) -> Any:
+        return self.slides.get_path(validate)
+
+    def __call__(self, request: dict[str, Any]) -> tuple[Any, dict]:
+        if is_region_request(request):
+            return self.slides(request)
+        if not self.images.is_valid():
+            raise HTTPException(
+                status_code=400,
+                detail=f"images are served with the bundle's inference.json and {self.images.model_path}, which "
+                "MONAI Label could not load (see the server log): serve slide regions only, or train the bundle",
+            )
+        return self.images(request)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from monai_wsl.data.check import DataError
-from monai_wsl.data.slides import mask_to_geojson, opened_slide, read_region
+from monai_wsl.data.slides import SLIDE_SUFFIXES, mask_to_geojson, opened_slide, read_region
 from monai_wsl.model_card import synthetic_model_warning
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "check_region_request",
     "region_annotation",
     "infer_slide_region",
+    "is_region_request",
     "region_tiles",
     "synthetic_model_warning",
     "unknown_image_message",
@@ -330,3 +331,13 @@ def unknown_image_message(image_id: Any, studies: str | Path) -> str:
         f"no image or slide {image_id!r} in the studies folder {studies}: an id is a file name there without its "
         "extension (GET /datastore/?output=all lists them), or give the path of a file on the server"
     )
+
+
+def is_region_request(request: Mapping[str, Any]) -> bool:
+    """Whether a MONAI Label request is for a region of a slide (the slide task) rather than a whole image (the
+    bundle's image task): it names a ``location`` or a ``size`` (as ``/infer/wsi_v2`` tiles and region requests do),
+    or its image is a slide file (:data:`~monai_wsl.data.SLIDE_SUFFIXES`), which only the slide task reads."""
+    if request.get("location") is not None or request.get("size") is not None:
+        return True
+    image = request.get("image")
+    return isinstance(image, (str, Path)) and Path(image).suffix.lower() in SLIDE_SUFFIXES
