@@ -260,6 +260,12 @@ def _sync_batchnorm_worker(rank: int, port: int, results) -> None:
     results.put((rank, float(losses.mean() - whole), float((gradient - reference).norm() / reference.norm()),
                  float((net.encoder[1].running_var - reference_stats).abs().max())))  # fmt: skip
     dist.destroy_process_group()
+    # leave without Python's teardown: deallocating the DDP reducer (the last owner of the gloo group) while a gloo
+    # worker thread drops a tensor now and then deadlocks (the main thread holds the GIL and joins that thread, which
+    # waits for the GIL); the results are flushed first
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 def test_cpu_sync_batchnorm_trains_as_one_process_with_the_whole_batch():
@@ -274,13 +280,16 @@ def test_cpu_sync_batchnorm_trains_as_one_process_with_the_whole_batch():
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_sync_batchnorm_worker, args=(r, port, results)) for r in range(2)]
+    # daemons: a worker that hangs is ended with the test session instead of holding it open
+    processes = [context.Process(target=_sync_batchnorm_worker, args=(r, port, results), daemon=True) for r in (0, 1)]
     for p in processes:
         p.start()
     outcome = [results.get(timeout=120) for _ in processes]
     for p in processes:
         p.join(timeout=60)
-        assert p.exitcode == 0
+        if p.is_alive():
+            p.kill()
+        assert p.exitcode == 0, p.exitcode
     for _, loss_diff, gradient_diff, stats_diff in outcome:
         # the loss terms are computed in float32 (as in mixed precision), the network in float64
         assert abs(loss_diff) < 1e-6 and gradient_diff < 1e-9 and stats_diff < 1e-10, (loss_diff, gradient_diff)
