@@ -183,7 +183,7 @@ class ImagesAndSlidesInferTask(InferTask):
             dimension=slides.dimension,
             description="Weakly-supervised localizer (max-min uncertainty): the mask of an image, or its regions over "
             "a slide region",
-            config={**images.config(), **slides.config()},
+            config={**(images.config() if images.is_valid() else {}), **slides.config()},
         )
         self.images, self.slides = images, slides
 
