@@ -7,8 +7,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 from monai_wsl.handlers import ResumableCheckpointSaver
@@ -54,3 +55,25 @@ class LossRecorder:
         files = [Path(f).name for f in engine.state.batch.get("image_file", [])]
         losses.append({"loss": float(engine.state.output["loss"]), "images": files})
         path.write_text(json.dumps(losses))
+
+
+class FirstStepRecorder:
+    """Save the network's parameters (without a DDP wrapper's ``module.``) just before and just after the first
+    iteration to ``<folder>/first_step.pt`` as ``{"before": {...}, "after": {...}}`` (rank 0; every rank of a DDP run
+    holds the same parameters)."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = Path(folder) / "first_step.pt"
+        self.saved: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED(once=1), self._save, "before")
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self._save, "after")
+
+    def _save(self, engine: Engine, when: str) -> None:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        network = getattr(engine.network, "module", engine.network)
+        self.saved[when] = {k: v.detach().clone() for k, v in network.named_parameters()}
+        if when == "after":
+            torch.save(self.saved, self.path)

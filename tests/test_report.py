@@ -303,3 +303,37 @@ def test_set_passes_bundle_overrides_to_every_run_and_refuses_a_malformed_one(mo
     # the tables' protocol is without flips (the GlaS recipe's own evaluation has them) unless the run asks
     flips = {(Path(o["bundle_root"]).parent.name, "evaluate.json" in c): o["eval_flips"] for c, o in calls}
     assert flips.pop(("eval_flips", True)) is True and not any(flips.values())
+
+
+def test_earlier_tables_keep_their_recipe_and_the_defaults_group_runs_the_current_one(monkeypatch, tmp_path):
+    """recipes/glas.json moved to lr 3e-3 and max-min's kmax 0.5 (table O): the runs of tables A to N still train
+    with the recipe they were run with (lr 1e-3; max-min's kmax 0.3, a method file keeping its own network), without
+    flips; the "defaults" group runs the recipe as it is, evaluated with its flips, and its max-min row evaluates the
+    study's model of the same settings."""
+    report = load_report()
+    calls = {}
+
+    def fake_run_bundle(configs, overrides, log, env=None):
+        root = Path(overrides["bundle_root"])
+        calls[(root.parent.name, "evaluate.json" in configs)] = (list(configs), dict(overrides))
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        (root / "models" / "model.pt").write_bytes(b"")
+        return 1.0
+
+    monkeypatch.setattr(report, "run_bundle", fake_run_bundle)
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": []}))
+    args = report.build_parser().parse_args(["--out", str(tmp_path), "--run"])
+    names = ("maxmin_sem", "wildcat", "kmax_0.5_lr_3e-3", "maxmin_defaults", "wildcat_defaults", "cam_defaults")
+    assert report.run_all(args, [r for r in report.RUNS if r.name in names]) == 0
+    trained = {name: overrides for (name, evaluation), (_, overrides) in calls.items() if not evaluation}
+    evaluated = {name: overrides for (name, evaluation), (_, overrides) in calls.items() if evaluation}
+    assert set(trained) == set(names) - {"maxmin_defaults"} and set(evaluated) == set(names)
+    assert trained["maxmin_sem"]["lr"] == 1e-3 and trained["maxmin_sem"]["network_def#wildcat#kmax"] == 0.3
+    assert trained["wildcat"]["lr"] == 1e-3 and "network_def#wildcat#kmax" not in trained["wildcat"]
+    assert (trained["kmax_0.5_lr_3e-3"]["lr"], trained["kmax_0.5_lr_3e-3"]["network_def#wildcat#kmax"]) == (3e-3, 0.5)
+    for name in ("wildcat_defaults", "cam_defaults"):  # the recipe file's own values, and its flips
+        assert "lr" not in trained[name] and "network_def#wildcat#kmax" not in trained[name]
+        assert trained[name]["eval_flips"] is True and evaluated[name]["eval_flips"] is True
+    assert all(evaluated[name]["eval_flips"] is False for name in ("maxmin_sem", "wildcat", "kmax_0.5_lr_3e-3"))
+    study_model = tmp_path / "kmax_0.5_lr_3e-3" / "seed0" / "models" / "model.pt"
+    assert evaluated["maxmin_defaults"]["checkpoint"] == study_model and evaluated["maxmin_defaults"]["eval_flips"]
