@@ -45,11 +45,11 @@ class Run:
     evaluates: str | None = None  # evaluate this run's trained model with these configs (Grad-CAM over CAM)
 
 
-NO_ASC = {"loss_def#size_constraint": False}
+NO_ASC = {"loss_def#size_constraint": False}  # the loss switch of the ablation
 # the GlaS recipe every group but "defaults" ran with (tables A to N): recipes/glas.json before 2026-12-07 took the
 # paper's learning rate and max-min's WILDCAT kmax; pinned so that their commands still give their tables
 RECIPE_2026_11 = {"lr": 1e-3}
-KMAX_2026_11 = {"network_def#wildcat#kmax": 0.3}  # max-min's network only (a method file brings its own network)  # the loss switch of the ablation
+KMAX_2026_11 = {"network_def#wildcat#kmax": 0.3}  # max-min's network only (a method file brings its own network)
 SIGMA = "maxmin_schedules#0#schedule"  # train.json's sigma schedule, a function of the epoch
 RUNS = [
     Run("methods", "maxmin_sem", "Max-min (SEM), ours"),

@@ -352,8 +352,10 @@ def test_two_processes_start_as_one_with_the_same_global_batch(tmp_path):
         ((update[name] - update["one"]).norm() / update["one"].norm()).item()
         for name in ("one_on_2_threads", "two", "two_without_sync")
     )
-    print(f"first update, relative L2 distance to one process: 2 threads {rounding:.3g}, two processes {synced:.3g}, "
-          f"the control {control:.3g}")
+    print(
+        f"first update, relative L2 distance to one process: 2 threads {rounding:.3g}, two processes {synced:.3g}, "
+        f"the control {control:.3g}"
+    )
     assert synced < 10 * rounding and 100 * max(synced, rounding) < control, (rounding, synced, control)
 
 
