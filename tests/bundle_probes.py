@@ -39,8 +39,8 @@ class PausingSaver(ResumableCheckpointSaver):
 
 
 class LossRecorder:
-    """Append each iteration's loss (the mean over this process's images) and the names of its images to
-    ``<folder>/losses_rank<r>.json``."""
+    """Append each iteration's loss (the mean over this process's images), its terms (those the loss keeps in
+    ``terms``, as ``MaxMinUncertaintyLoss`` does) and the names of its images to ``<folder>/losses_rank<r>.json``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
@@ -53,7 +53,8 @@ class LossRecorder:
         path = self.folder / f"losses_rank{rank}.json"
         losses = json.loads(path.read_text()) if path.is_file() else []
         files = [Path(f).name for f in engine.state.batch.get("image_file", [])]
-        losses.append({"loss": float(engine.state.output["loss"]), "images": files})
+        terms = {k: float(v) for k, v in getattr(engine.loss_function, "terms", {}).items()}
+        losses.append({"loss": float(engine.state.output["loss"]), "terms": terms, "images": files})
         path.write_text(json.dumps(losses))
 
 
