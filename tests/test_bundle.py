@@ -312,9 +312,11 @@ def test_two_processes_start_as_one_with_the_same_global_batch(tmp_path):
     the classifier head, whose gradient does not pass back through BatchNorm, equals the one process's to float32
     rounding (3e-5; 2 threads 2e-5, the control 1.05); the localizer and encoder, whose gradients pass back through
     the synchronised BatchNorm (float64 statistics, autograd), differ by 3 %, 60 times less than the control (2 threads:
-    5e-4). The same network and loss through convert_sync_batchnorm and DDP give the one process's gradient to 1e-5 in
-    float32 on random images (2026-12-07) and exactly in float64 (test_networks.py), so the 3 % is the arithmetic of
-    the synchronised statistics magnified by this initialisation on these images, not a lost or double-counted term."""
+    5e-4). Measured on 2026-12-07 outside the bundle, with this network, loss and first batch through
+    convert_sync_batchnorm and DDP: the same 3 % in float32, 6e-14 in float64 (on random images: 1e-5 in float32). So
+    the 3 % is float32 arithmetic (the synchronised statistics are summed in float64, plain BatchNorm's in float32)
+    magnified by this initialisation on these images, not a lost or double-counted term; test_networks.py tests the
+    exact equality in float64."""
     data = small_data(tmp_path / "data")
     probe = tmp_path / "probe.json"
     deterministic = ["--train#augmentation#2#random_center", "False", "--network_def#wildcat#dropout", "0.0"]
