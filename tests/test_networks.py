@@ -289,6 +289,7 @@ def test_cpu_sync_batchnorm_trains_as_one_process_with_the_whole_batch():
         p.join(timeout=60)
         if p.is_alive():
             p.kill()
+            p.join(timeout=10)  # its exit code (-9) rather than None
         assert p.exitcode == 0, p.exitcode
     for _, loss_diff, gradient_diff, stats_diff in outcome:
         # the loss terms are computed in float32 (as in mixed precision), the network in float64
