@@ -316,9 +316,9 @@ def test_build_slide_inferer_is_the_bundles_wsi_definition(slide_bundle, tmp_pat
         wsi["region_name"],
     )
     assert (inferer.num_workers, inferer.uncertainty) == (2, False)
-    from monai_wsl.inferers.backends import onnxruntime_available
+    from monai_wsl.inferers.backends import resolve_backend
 
-    assert inferer.inference_backend == ("onnxruntime" if onnxruntime_available() else "torch")  # "auto" on a CPU
+    assert inferer.inference_backend == resolve_backend("auto", "cpu") != "torch"  # "auto" on a CPU: an export runtime
     overridden = build_slide_inferer(slide_bundle, device="cpu", overrides={"uncertainty": "true", "num_workers": 0})
     assert (overridden.num_workers, overridden.uncertainty) == (0, True)  # as --uncertainty true --num_workers 0
     saved = torch.load(slide_bundle / "models" / "model.pt", weights_only=True)

@@ -607,6 +607,22 @@ def test_bundle_runs_a_real_svs_into_a_map_a_thumbnail_regions_and_a_summary(tmp
     assert thumb.width == 2 * round(2220 * 1024 / 2967) + 4 and thumb.height > 1024
     assert str(out) in log  # the console says where the files went
 
+    # the backend: on a CPU "auto" runs the network's export (ONNX Runtime or OpenVINO, by the CPU); eager PyTorch's
+    # map TIFF is the same within 2 of 255 (measured: at most 1, where a value sits on a rounding edge)
+    from monai_wsl.inferers.backends import resolve_backend
+
+    runtime = resolve_backend("auto", "cpu")
+    assert runtime != "torch" and list(tmp_path.glob("model.256x256*.onnx"))  # the export, beside the checkpoint
+    eager = tmp_path / "eager"
+    result = run_bundle(
+        *common, "--output_dir", str(eager), "--patch_size", "256", "--overlap", "0.0", "--inference_backend", "torch"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fast, slow = (tifffile.imread(folder / "cmu_map.tif", key=0).astype(int) for folder in (out, eager))
+    assert fast.shape == slow.shape == (2967, 2220) and slow.std() > 5
+    assert np.abs(fast - slow).max() <= 2, runtime
+    assert json.loads((eager / "cmu.json").read_text())["patches_run"] == summary["patches_run"]
+
     # bad input through the bundle: exit code 1, the file named, nothing written
     (slides / "broken.svs").write_bytes(b"\x00" * 100)
     result = run_bundle(*common, "--output_dir", str(tmp_path / "out2"), "--level", "5")

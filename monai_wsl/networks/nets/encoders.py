@@ -110,8 +110,8 @@ class ResNetEncoder(RecordsConfig, ResNet):
         arch: ``"resnet10"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         spatial_dims: 2 or 3.
         in_channels: input channels.
-        output_stride: 32 (the ImageNet layout), 16 (no max-pool) or 8 (no max-pool, stride-1 stem): finer maps for
-            small inputs, such as volumes.
+        output_stride: (this and the next, by keyword) 32 (the ImageNet layout), 16 (no max-pool) or 8 (no max-pool,
+            stride-1 stem): finer maps for small inputs, such as volumes.
         widen_factor: scales every layer's channels (0.25: a quarter of the ImageNet widths, for CPUs).
         norm: the normalisation layers, as MONAI names them (``"batch"``; ``("group", {"num_groups": 8})`` for the
             small batches of volumes, whose batch statistics are too noisy).
@@ -122,6 +122,7 @@ class ResNetEncoder(RecordsConfig, ResNet):
         arch: str = "resnet18",
         spatial_dims: int = 2,
         in_channels: int = 3,
+        *,
         output_stride: int = 32,
         widen_factor: float = 1.0,
         norm: str | tuple = "batch",
@@ -399,7 +400,7 @@ def build_encoder(
                 f"{module.output_stride}; build it with the stride you want."
             )
     elif encoder in _RESNETS:
-        module = ResNetEncoder(encoder, spatial_dims, in_channels, output_stride)
+        module = ResNetEncoder(encoder, spatial_dims, in_channels, output_stride=output_stride)
         if pretrained and pretrained_path is None:
             raise ValueError(
                 f"no offline ImageNet weights ship for {encoder}: pass pretrained_path= a local state dict (a "
