@@ -44,7 +44,7 @@ setup(
         # OpenVINO (the faster on CPUs with AVX-512) runs the network's export, which torch.onnx.export writes with
         # the onnx package
         "onnxruntime>=1.17",
-        "openvino>=2024.0",
+        "openvino>=2026.0",  # tested with 2026.4.1
         "onnx>=1.15",
     ],
     extras_require={

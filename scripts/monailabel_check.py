@@ -13,7 +13,8 @@ masks, from ``../shared/data``) and ``~/slides`` (the small real SVS of the ``hi
 
 Checked: pip prints no dependency conflict and ``pip check`` passes; each server starts on 127.0.0.1 offline (every
 proxy a closed local port, no download error in its log, ``~/server_<n>.log``); ``/info`` lists the model; the label
-PNGs for the JPG and the BMP equal the masks of the bundle's own ``inference.json`` run on the same folder; the
+PNGs for the JPG and the BMP equal the masks of the bundle's own ``inference.json`` run on the same folder, and the
+image task ran the network's ONNX export (on a CPU, as ``inference.json`` does: ``inference_backend`` ``auto``); the
 ``*_anno`` masks are not listed as images; the slide region's polygons equal the bundle's own region inference; the
 default slide reply is a DSA document; a level-1 region of a pyramid slide (``~/slides/pyramid.tif``, not in the README)
 comes back whole; an unknown image or slide id is answered 400 with the id; both servers' logs warn that the model was
@@ -348,6 +349,8 @@ def check_images(block: list[str], home: Path, port: int, layout: dict, timeout:
     log = server.log.read_text()
     check_offline(log, "images")
     check("trained on the embedded synthetic set" in log, "the images server log warns of the synthetic-set model")
+    exports = sorted(p.name for p in (layout["clone"] / "bundle" / "models").glob("model.*.onnx"))
+    check(bool(exports), f"the image task ran the network's ONNX export, written beside the model ({exports})")
     own = bundle_masks(layout["clone"], layout["images"], home / "work" / "bundle_inference")
     for image in (layout["jpg"], layout["bmp"]):
         served_file = home / "work" / f"{image.stem}_label.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -103,11 +104,25 @@ def test_onnx_export_equals_eager_pytorch_with_batch_norm_folded(tmp_path, runti
         assert net.localizer_head.training and not net.encoder.training
         net.localizer_head.eval()
         got_one = ort_net.predict(x[1:2])
-        got_again = ort_net.predict(x)  # the runtime's output buffers are not handed out (and overwritten) twice
+        # other images through the same session, one after the other and in two threads at once: the outputs handed
+        # out before are not overwritten (a runtime's output buffers are reused), and each thread gets its own
+        other = ort_net.predict(-x)
+        threaded: dict[int, dict] = {}
+        threads = [
+            threading.Thread(target=lambda i=i, y=y: threaded.__setitem__(i, ort_net.predict(y)))
+            for i, y in enumerate((x, -x))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        expected_other = net.predict(-x)
     for key in ("mask", "logits"):
         assert got[key].shape == expected[key].shape
         assert (got[key] - expected[key]).abs().max() <= TOL, key
-        assert torch.equal(got_again[key], got[key]), key
+        assert (other[key] - expected_other[key]).abs().max() <= TOL, key
+        assert (other[key] - got[key]).abs().max() > 1e-3, key  # other images, other outputs
+        assert torch.equal(threaded[0][key], got[key]) and torch.equal(threaded[1][key], other[key]), key
     assert (got_one["mask"] - expected["mask"][1:2]).abs().max() <= TOL
     assert expected["mask"].std() > 0.05  # a mask with structure, not a constant any graph would match
     path, sidecar = export_paths(tmp_path, "model", (64, 64))

@@ -20,6 +20,7 @@ from monai.data import decollate_batch
 from monai.transforms import Compose, LoadImaged, SaveImaged
 from PIL import Image
 
+from monai_wsl.inferers import with_backend
 from monai_wsl.networks import MaxMinUncertaintyNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,11 @@ def serve(bundle: Path, image: Path, request: dict) -> tuple[np.ndarray, Path]:
     network = copy.deepcopy(network)
     network.load_state_dict(state, strict=False)
     network.eval()
+    # and ours (monai_wsl.apps.monailabel.BundleImageInferTask._get_network, which only scripts/monailabel_check.py
+    # runs, against a real MONAI Label): run by the bundle's inference_backend
+    network = with_backend(
+        network, parser.get_parsed_content("inference_backend"), "cpu", checkpoint=bundle / "models" / "model.pt"
+    )
 
     # pre_transforms: the preprocessing Compose's transforms, LoadImaged made to return the meta data too
     pre = list(parser.get_parsed_content("preprocessing", instantiate=True).transforms)
@@ -102,7 +108,6 @@ def own_mask(bundle: Path, image: Path, work: Path) -> np.ndarray:
         dataset_dir=str(folder),
         output_dir=str(work / "out"),
         num_workers=0,
-        inference_backend="torch",  # as MONAI Label's BundleInferTask runs network_def: eager PyTorch
         logging_file=False,
     )
     wf.initialize()
@@ -113,10 +118,12 @@ def own_mask(bundle: Path, image: Path, work: Path) -> np.ndarray:
 @pytest.mark.parametrize("name", ["glas/train_12.jpg", "glas-bmp-sample/train_12.bmp"])
 def test_monailabel_default_request_gives_the_bundles_mask_as_uint8_labels(shared_data, tmp_path, name):
     """MONAI Label's default request (no result_dtype, no result_extension) on a JPG and on a BMP: a uint8 label map,
-    1 = gland, written as PNG (the bundle's displayable_configs), equal to the bundle's own mask."""
+    1 = gland, written as PNG (the bundle's displayable_configs), equal to the bundle's own mask, both run by the
+    default backend (on a CPU the network's export: ONNX Runtime or OpenVINO, by the CPU)."""
     bundle = make_bundle(tmp_path)
     image = shared_data / name
     served, written = serve(bundle, image, {"image": str(image)})
+    assert list((bundle / "models").glob("model.*.onnx")), "the export, beside the model"
     width, height = Image.open(image).size
     assert written.suffix == ".png" and served.dtype == np.uint8 and served.shape == (height, width)
     assert set(np.unique(served)) == {0, 1}

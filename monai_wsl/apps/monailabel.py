@@ -27,6 +27,7 @@ from monai_wsl.apps.slide_region import (
     is_region_request,
 )
 from monai_wsl.data.check import DataError
+from monai_wsl.inferers.backends import with_backend
 
 _basic_infer, _has_monailabel = optional_import("monailabel.tasks.infer.basic_infer")
 if not _has_monailabel:
@@ -159,6 +160,8 @@ class BundleImageInferTask(BundleInferTask):
 
     def __init__(self, bundle_root: str | Path, model_path: str | Path | None = None, conf: dict | None = None):
         self.model_path = Path(model_path) if model_path is not None else Path(bundle_root) / "models" / "model.pt"
+        self._backend_networks: dict[str, tuple] = {}  # device -> (MONAI Label's network, the module that runs it)
+        self._backend_lock = threading.Lock()
         super().__init__(str(bundle_root), dict(conf or {}))
         if self.valid:
             self.path = [str(self.model_path)]
@@ -168,6 +171,21 @@ class BundleImageInferTask(BundleInferTask):
         parser = super()._load_bundle_config(path, config)
         parser.config["checkpoint"] = str(self.model_path)  # the network (its card) and the weights of this model
         return parser
+
+    def _get_network(self, device: str, data: Any) -> Any:
+        """MONAI Label's network (``network_def`` with the model's weights, loaded again when the file changes), run
+        by the bundle's ``inference_backend`` as ``inference.json`` runs it: on a CPU, by default, its ONNX export
+        (written beside the model) in ONNX Runtime or OpenVINO."""
+        network = super()._get_network(device, data)
+        if network is None:
+            return None
+        with self._backend_lock:  # MONAI Label keeps a network per device; a new one when the model file changed
+            cached = self._backend_networks.get(device)
+            if cached is None or cached[0] is not network:
+                backend = self.bundle_config.get_parsed_content("inference_backend")
+                wrapped = with_backend(network, backend, device, checkpoint=self.model_path)
+                self._backend_networks[device] = cached = (network, wrapped)
+            return cached[1]
 
 
 class ImagesAndSlidesInferTask(InferTask):

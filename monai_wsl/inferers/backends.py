@@ -8,7 +8,7 @@ several times faster than in eager PyTorch.
 unchanged. ``"auto"`` picks, on a CPU, OpenVINO where the CPU has AVX-512 and ONNX Runtime elsewhere (whichever was
 measured faster there, bundle docs, "The inference backend"; both are dependencies of the package, and when the one
 picked is missing the other serves), PyTorch on GPUs. OpenVINO computes in float32 (its default on CPUs with bf16
-is bf16, whose masks differ by up to 0.06). An export is used only when its sidecar
+is bf16, whose masks differ from PyTorch's far more: bundle docs). An export is used only when its sidecar
 matches the network being run, weights included; any other (stale, damaged, from another model, another torch) is
 rebuilt, with a warning that names the file and why, or, with ``rebuild=False``, refused with an error that names the
 file and the fix. The session is made from the bytes that were checked (or exported), so a file replaced meanwhile is
@@ -146,8 +146,8 @@ class _OpenVINOSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        results = request.infer(feeds)
-        # copies: the request writes its next outputs into the same buffers
+        results = request.infer(feeds, share_inputs=True, share_outputs=True)
+        # shared outputs are the request's own buffers, which its next inference overwrites: one copy each
         return [np.array(results[self.compiled.output(name)], copy=True) for name in output_names]
 
 

@@ -110,8 +110,8 @@ class ResNetEncoder(RecordsConfig, ResNet):
         arch: ``"resnet10"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         spatial_dims: 2 or 3.
         in_channels: input channels.
-        output_stride: (this and the next, by keyword) 32 (the ImageNet layout), 16 (no max-pool) or 8 (no max-pool,
-            stride-1 stem): finer maps for small inputs, such as volumes.
+        output_stride: (this and the two after it, by keyword) 32 (the ImageNet layout), 16 (no max-pool) or 8 (no
+            max-pool, stride-1 stem): finer maps for small inputs, such as volumes.
         widen_factor: scales every layer's channels (0.25: a quarter of the ImageNet widths, for CPUs).
         norm: the normalisation layers, as MONAI names them (``"batch"``; ``("group", {"num_groups": 8})`` for the
             small batches of volumes, whose batch statistics are too noisy).
