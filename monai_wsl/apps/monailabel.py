@@ -175,7 +175,7 @@ class BundleImageInferTask(BundleInferTask):
     def _get_network(self, device: str, data: Any) -> Any:
         """MONAI Label's network (``network_def`` with the model's weights, loaded again when the file changes), run
         by the bundle's ``inference_backend`` as ``inference.json`` runs it: on a CPU, by default, its ONNX export
-        (written beside the model) in ONNX Runtime or OpenVINO."""
+        (written beside the model) in ONNX Runtime."""
         network = super()._get_network(device, data)
         if network is None:
             return None

@@ -1,14 +1,11 @@
 """Inference backends: the network as eager PyTorch, or its prediction exported to ONNX
-(:mod:`monai_wsl.inferers.onnx_export`) and run on CPUs by ONNX Runtime or OpenVINO, where EfficientNet-lite runs
-several times faster than in eager PyTorch.
+(:mod:`monai_wsl.inferers.onnx_export`) and run by ONNX Runtime on CPUs, where EfficientNet-lite runs several times
+faster than in eager PyTorch.
 
 :func:`with_backend` gives the network an inference path runs: the network itself (``"torch"``), or an
-:class:`OnnxNetwork` (``"onnxruntime"``, ``"openvino"``: the same export), an ``nn.Module`` with the same
-``predict`` / ``segment`` / ``forward``, so that ``SlideInferer``, ``WSLInferer`` and MONAI's evaluators run it
-unchanged. ``"auto"`` picks, on a CPU, OpenVINO where the CPU has AVX-512 and ONNX Runtime elsewhere (whichever was
-measured faster there, bundle docs, "The inference backend"; both are dependencies of the package, and when the one
-picked is missing the other serves), PyTorch on GPUs. OpenVINO computes in float32 (its default on CPUs with bf16
-is bf16, whose masks differ from PyTorch's far more: bundle docs). An export is used only when its sidecar
+:class:`OnnxNetwork` (``"onnxruntime"``), an ``nn.Module`` with the same ``predict`` / ``segment`` / ``forward``, so
+that ``SlideInferer``, ``WSLInferer`` and MONAI's evaluators run it unchanged. ``"auto"`` picks ONNX Runtime on a CPU
+when it is installed (a dependency of the package), PyTorch otherwise (GPUs). An export is used only when its sidecar
 matches the network being run, weights included; any other (stale, damaged, from another model, another torch) is
 rebuilt, with a warning that names the file and why, or, with ``rebuild=False``, refused with an error that names the
 file and the fix. The session is made from the bytes that were checked (or exported), so a file replaced meanwhile is
@@ -39,7 +36,6 @@ __all__ = [
     "BACKENDS",
     "StaleExportError",
     "onnxruntime_available",
-    "openvino_available",
     "resolve_backend",
     "with_backend",
     "OnnxNetwork",
@@ -47,12 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
-RUNTIMES = ("onnxruntime", "openvino")  # the backends that run the ONNX export
-_INSTALL = {
-    "onnxruntime": "pip install onnxruntime onnx (dependencies of monai_wsl: pip install -e . installs them)",
-    "openvino": "pip install openvino onnx (dependencies of monai_wsl: pip install -e . installs them)",
-}
+BACKENDS = ("auto", "torch", "onnxruntime")
+_INSTALL = "pip install onnxruntime onnx (dependencies of monai_wsl: pip install -e . installs them)"
 
 
 def __getattr__(name: str) -> Any:
@@ -72,39 +64,24 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
-def openvino_available() -> bool:
-    """Whether OpenVINO and the ``onnx`` package (which PyTorch's exporter needs) are installed."""
-    return all(importlib.util.find_spec(m) is not None for m in ("openvino", "onnx"))
-
-
-def cpu_has_avx512() -> bool:
-    """Whether PyTorch's CPU kernels run with AVX-512 here (``torch.backends.cpu.get_cpu_capability()``)."""
-    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
-
-
 def resolve_backend(backend: str, device: str | torch.device | None = None) -> str:
-    """``"torch"``, ``"onnxruntime"`` or ``"openvino"``: ``backend`` as asked, ``"auto"`` resolved (on a CPU,
-    OpenVINO where the CPU has AVX-512 and ONNX Runtime elsewhere, each when installed, the other when not; PyTorch on
-    GPUs or without either). Raises a ``ValueError`` for an unknown name or an export runtime on a GPU (their CPU
-    builds are what the project installs), an ``ImportError`` naming the install when a runtime asked for is
+    """``"torch"`` or ``"onnxruntime"``: ``backend`` as asked, ``"auto"`` resolved (ONNX Runtime on a CPU when it is
+    installed, PyTorch otherwise). Raises a ``ValueError`` for an unknown name or ONNX Runtime on a GPU (its CPU
+    build is what the project installs), an ``ImportError`` naming the install when ONNX Runtime is asked for and
     missing."""
     if backend not in BACKENDS:
         raise ValueError(f"inference_backend must be one of {BACKENDS}, got {backend!r}.")
     device = torch.device(device if device is not None else "cpu")
-    available = {"onnxruntime": onnxruntime_available, "openvino": openvino_available}
     if backend == "auto":
-        if device.type != "cpu":
-            return "torch"
-        order = ("openvino", "onnxruntime") if cpu_has_avx512() else ("onnxruntime", "openvino")
-        return next((runtime for runtime in order if available[runtime]()), "torch")
-    if backend in RUNTIMES:
+        return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
+    if backend == "onnxruntime":
         if device.type != "cpu":
             raise ValueError(
-                f"inference_backend {backend!r} runs the network on the CPU, and the device is {device}: use "
+                f"inference_backend 'onnxruntime' runs the network on the CPU, and the device is {device}: use "
                 "'torch' (or 'auto', which picks PyTorch on GPUs), or --device cpu."
             )
-        if not available[backend]():
-            raise ImportError(f"inference_backend {backend!r} is not installed: {_INSTALL[backend]}.")
+        if not onnxruntime_available():
+            raise ImportError(f"inference_backend 'onnxruntime' needs ONNX Runtime and onnx: {_INSTALL}.")
     return backend
 
 
@@ -117,43 +94,20 @@ def with_backend(
     rebuild: bool = True,
 ) -> nn.Module:
     """The module an inference path runs: ``network`` itself for PyTorch, an :class:`OnnxNetwork` around it for ONNX
-    Runtime or OpenVINO (see :func:`resolve_backend`; ``device`` defaults to the network's). An
-    :class:`OnnxNetwork` is returned as it is. ``checkpoint``, ``export_dir`` and ``rebuild``: see
-    :class:`OnnxNetwork`."""
+    Runtime (see :func:`resolve_backend`; ``device`` defaults to the network's). An :class:`OnnxNetwork` is returned
+    as it is. ``checkpoint``, ``export_dir`` and ``rebuild``: see :class:`OnnxNetwork`."""
     if isinstance(network, OnnxNetwork):
         return network
     if device is None:
         device = next(iter(network.parameters()), torch.empty(0)).device
-    runtime = resolve_backend(backend, device)
-    if runtime == "torch":
+    if resolve_backend(backend, device) == "torch":
         return network
-    return OnnxNetwork(network, checkpoint=checkpoint, export_dir=export_dir, rebuild=rebuild, runtime=runtime)
-
-
-class _OpenVINOSession:
-    """An OpenVINO model compiled for the CPU in float32, behind ONNX Runtime's ``run(output_names, feeds)``; one
-    infer request per thread (a request is not shared across threads)."""
-
-    def __init__(self, data: bytes, num_threads: int) -> None:
-        import openvino as ov
-
-        core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": num_threads, "INFERENCE_PRECISION_HINT": "f32"}
-        self.compiled = core.compile_model(core.read_model(model=data), "CPU", config)
-        self._local = threading.local()
-
-    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        results = request.infer(feeds, share_inputs=True, share_outputs=True)
-        # shared outputs are the request's own buffers, which its next inference overwrites: one copy each
-        return [np.array(results[self.compiled.output(name)], copy=True) for name in output_names]
+    return OnnxNetwork(network, checkpoint=checkpoint, export_dir=export_dir, rebuild=rebuild)
 
 
 class OnnxNetwork(nn.Module):
-    """A monai_wsl network run by ONNX Runtime or OpenVINO on the CPU: ``predict(x) -> {"mask", "logits"}``,
-    ``segment(x)`` (the mask alone, from an export of its own) and ``forward(x)`` ``[1 - M, M]`` as
+    """A monai_wsl network run by ONNX Runtime on the CPU: ``predict(x) -> {"mask", "logits"}``, ``segment(x)`` (the
+    mask alone, from an export of its own) and ``forward(x)`` ``[1 - M, M]`` as
     :class:`~monai_wsl.networks.MaskOutput` gives, on ``(B, C, *spatial)`` float images, outputs on the input's
     device.
 
@@ -171,9 +125,8 @@ class OnnxNetwork(nn.Module):
             removed when this module is).
         rebuild: rebuild a missing or stale export (default), or refuse it. An export that cannot be written (a
             read-only folder) is used for this run without being kept, with a warning.
-        num_threads: the runtime's threads (default: ``torch.get_num_threads()``, which follows
+        num_threads: ONNX Runtime's threads (default: ``torch.get_num_threads()``, which follows
             ``OMP_NUM_THREADS``).
-        runtime: ``"onnxruntime"`` (default) or ``"openvino"`` (in float32), which runs the same export.
     """
 
     def __init__(
@@ -183,12 +136,8 @@ class OnnxNetwork(nn.Module):
         export_dir: str | Path | None = None,
         rebuild: bool = True,
         num_threads: int | None = None,
-        runtime: str = "onnxruntime",
     ) -> None:
         super().__init__()
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
-        self.runtime = runtime
         self.network = network
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         if export_dir is None and self.checkpoint is not None:
@@ -228,7 +177,7 @@ class OnnxNetwork(nn.Module):
         return tuple((id(t), t._version) for t in (*net.parameters(), *net.buffers()))
 
     def session(self, spatial_size: tuple[int, ...], kind: str = "predict") -> Any:
-        """The runtime's session for images of ``spatial_size``, from a matching export (rebuilt when stale)."""
+        """The ONNX Runtime session for images of ``spatial_size``, from a matching export (rebuilt when stale)."""
         spatial_size = tuple(int(s) for s in spatial_size)
         versions, where = self._versions(), (kind, spatial_size)
         cached = self._sessions.get(where)
@@ -264,13 +213,10 @@ class OnnxNetwork(nn.Module):
                     f"cannot write the ONNX export {path} ({type(e).__name__}: {e}): this run uses it without "
                     "keeping it, and the next exports it again; make the folder writable to keep it"
                 )
-        threads = int(self.num_threads or torch.get_num_threads())
-        if self.runtime == "openvino":
-            return _OpenVINOSession(data, threads)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = int(self.num_threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
@@ -296,4 +242,4 @@ class OnnxNetwork(nn.Module):
         return torch.cat([1 - mask, mask], dim=1)
 
     def extra_repr(self) -> str:
-        return f"{self.runtime}, exports in {self.export_dir}"
+        return f"onnxruntime, exports in {self.export_dir}"

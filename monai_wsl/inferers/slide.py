@@ -76,9 +76,8 @@ class SlideInferer:
         uncertainty: average the network over four flips of each batch and write ``<stem>_uncertainty.tif`` (four
             forward passes per patch).
         inference_backend: what runs the network (:func:`~monai_wsl.inferers.backends.with_backend`): ``"torch"``
-            (eager PyTorch), ``"onnxruntime"`` or ``"openvino"`` (its export, on the CPU, written beside
-            ``checkpoint``) or ``"auto"`` (on a CPU OpenVINO where it has AVX-512, ONNX Runtime elsewhere; PyTorch
-            on GPUs).
+            (eager PyTorch), ``"onnxruntime"`` (its export, on the CPU, written beside ``checkpoint``) or ``"auto"``
+            (ONNX Runtime on a CPU when it is installed, PyTorch on GPUs).
     """
 
     def __init__(
@@ -124,7 +123,7 @@ class SlideInferer:
         self.class_names, self.positive_class = list(class_names), int(positive_class)
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.network = with_backend(network, inference_backend, self.device, checkpoint)
-        self.inference_backend = self.network.runtime if isinstance(self.network, OnnxNetwork) else "torch"
+        self.inference_backend = "onnxruntime" if isinstance(self.network, OnnxNetwork) else "torch"
         self.amp = bool(amp) and self.device.type == "cuda"
         self.checkpoint, self.progress, self.uncertainty = checkpoint, progress, bool(uncertainty)
         self.thumbnail_size, self.geojson_max_side = int(thumbnail_size), int(geojson_max_side)
