@@ -12,11 +12,12 @@ Without ``--recipe``: one training step of the max-min model against a plain cla
 same batch (the max-min step does about 1 + 2 x 0.8^2 = 2.28 encoder passes).
 
     OMP_NUM_THREADS=2 python scripts/benchmark.py --recipe glas --epochs 5     # 2 CPU cores
-    python scripts/benchmark.py --recipe glas --override fold_padding=auto memory_format=auto
+    python scripts/benchmark.py --recipe glas --override fold_padding=false 'memory_format=$torch.contiguous_format'
     python scripts/benchmark.py                                    # CPU, EfficientNet-lite0, 4 x 3 x 224 x 224
 
-(``--override`` takes any bundle setting as ``id=value``; the two above are the bundle's faster CPU layout, which
-does not repeat the default's fixed-seed results bit for bit: bundle/docs/README.md, "Speed on CPUs".)
+(``--override`` takes any bundle setting as ``id=value``; the two above train the network as built instead of the
+GlaS recipe's CPU layout, which does not repeat the other's fixed-seed results bit for bit: bundle/docs/README.md,
+"Speed on CPUs".)
     python scripts/benchmark.py --device cuda --amp --size 416 --steps 50
 
 ``--wsi SLIDE``: whole-slide inference (``SlideInferer``, the path of ``inference_wsi.json``: tissue mask, patches

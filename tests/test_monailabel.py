@@ -38,15 +38,18 @@ def make_bundle(root: Path) -> Path:
     return bundle
 
 
-def serve(bundle: Path, image: Path, request: dict) -> tuple[np.ndarray, Path]:
+def serve(bundle: Path, image: Path, request: dict, inference_backend: str | None = None) -> tuple[np.ndarray, Path]:
     """What MONAI Label's BundleInferTask does with ``request`` for ``image``: the label map it writes (read back) and
-    the file. Its steps, in order, as in monailabel 0.8.5."""
+    the file. Its steps, in order, as in monailabel 0.8.5. ``inference_backend``: the bundle's, or this one (as set in
+    its inference.json)."""
     # __init__: inference.json with bundle_root set, network_def instantiated; from metadata.json the first input and
     # output keys, the labels from channel_def (background dropped), the dimension from spatial_shape; the bundle's
     # displayable_configs become the request's defaults
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser.config.update({"bundle_root": str(bundle), "device": "cpu"})
+    if inference_backend is not None:
+        parser.config["inference_backend"] = inference_backend
     network = parser.get_parsed_content("network_def", instantiate=True)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     key_image, image_spec = next(iter(meta["network_data_format"]["inputs"].items()))

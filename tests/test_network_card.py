@@ -238,7 +238,9 @@ def test_monai_label_bundle_task_serves_the_trained_networks_mask(trained, carde
 
     root, own = trained
     image = sorted((root / "data" / "synthetic").glob("validation_*[0-9].png"))[0]
-    served, _ = serve(carded_bundle, image, {"image": str(image)})  # (H, W), as the label file reads back
+    # (H, W), as the label file reads back; in eager PyTorch, as TORCH above says why (ONNX Runtime's masks of this
+    # model differ by up to 0.04)
+    served, _ = serve(carded_bundle, image, {"image": str(image)}, inference_backend="torch")
     scale = ScaleIntensityRange(a_min=0, a_max=255, b_min=-1.0, b_max=1.0, clip=True)  # inference.json's
     pixels = torch.as_tensor(
         scale(torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1).float())
