@@ -532,9 +532,9 @@ def main() -> None:
         print(f"device {r['device']}, slide {r['slide']} level {r['level']}, patches {r['patch_size']} px")
         print(f"patches run      : {r['patches_run']} of {r['patches_total']} (the rest is background)")
         for backend, row in r["backends"].items():
-            print(f"[{backend}]")
-            print(f"whole path       : {row['whole_path_patches_per_s']:8.2f} patches/s  {row['whole_path_s']} s")
-            print(f"forward only     : {row['forward_only_patches_per_s']:8.2f} patches/s  {row['forward_only_s']} s")
+            print(f"[{backend}] (best of {args.repeats})")
+            for key, name in (("whole_path", "whole path      "), ("forward_only", "forward only    ")):
+                print(f"{name} : {row[f'{key}_patches_per_s']:8.2f} patches/s  {min(row[f'{key}_s']):.2f} s")
             print(f"ratio            : {row['ratio']:8.2f} (forward-only time / whole-path time)")
             split = ", ".join(f"{k} {v:.2f}" for k, v in row["split_s"].items())
             print(f"where the time goes: {split} s (best runs; reading overlaps the network in the whole path)")

@@ -120,6 +120,31 @@ def test_wsi_run_times_each_backend_on_the_same_patches_and_splits_the_time(tmp_
         assert row["whole_path_patches_per_s"] == pytest.approx(r["patches_run"] / min(row["whole_path_s"]))
 
 
+@pytest.mark.slow  # scripts/device_study.sh run --quick: about 2 minutes on 2 cores
+def test_the_prepared_device_study_runs_its_steps_small_and_sums_them_up(tmp_path, shared_data):
+    """The one prepared GPU call, in its small CPU form: each step leaves its figures in OUT, and the summary's slides
+    per hour is one hour over the synthetic slide's best whole-path time."""
+    import json
+    import os
+    import subprocess
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "device_study.sh"), "run", "--quick"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"step", "recipe", "slide", "wsi"} <= set(summary) and "torch" in (out / "device.txt").read_text()
+    step, recipe, wsi = summary["step"], summary["recipe"], summary["wsi"]
+    assert step["input"] == [4, 3, 64, 64] and step["maxmin_images_per_s"] < step["plain_images_per_s"]
+    assert len(recipe["epochs"]) == 1 and recipe["recipe_epochs"] == 80  # the GlaS recipe's 80, extrapolated
+    assert summary["slide"]["rows"] == 6 and (work / "slide_6x128.tif").is_file()
+    assert 0 < wsi["patches_run"] <= 36 and wsi["patch_size"] == 128
+    per_hour = summary["slides_per_hour"]
+    assert per_hour["slides_per_hour"] == pytest.approx(3600 / min(wsi["whole_path_s"]))
+
+
 def test_overrides_read_values_as_the_bundle_command_line_does():
     """``--override num_workers=0`` must reach the DataLoader as the integer 0 (a string stops it), ``true`` as a
     bool, and a torch expression or a word as the string given."""

@@ -653,6 +653,55 @@ def test_synthetic_slide_is_a_pyramid_openslide_reads_with_its_gland_mask(tmp_pa
     assert write_synthetic_slide(path) == path and path.stat().st_mtime_ns == os.stat(path).st_mtime_ns  # kept
 
 
+def test_rgb_pyramid_levels_are_the_rounded_2x2_means_of_the_level_above(tmp_path):
+    """Each level of a slide written by ``write_rgb_pyramid`` is the 2 x 2 mean of the one above (an odd last row or
+    column dropped), rounded half to even, as NumPy computes it in float64 on the whole image; written in bands."""
+    import tifffile
+
+    from monai_wsl.data.slides import write_rgb_pyramid
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (2 * 1024 + 2 * 300 + 1, 1203, 3), dtype=np.uint8)  # more rows than one band
+    rgb[:4, :8] = [[[1]], [[0]], [[1]], [[0]]]  # 2 x 2 blocks whose mean is 0.5 (rounded half to even: 0) ...
+    rgb[:2, 4:8] = [[[2]], [[1]]]  # ... and 1.5 (2)
+    shapes = write_rgb_pyramid(tmp_path / "p.tif", rgb)
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        levels = [page.asarray() for page in tif.pages]
+    assert [lv.shape[:2] for lv in levels] == shapes == [(2649, 1203), (1324, 601), (662, 300), (331, 150)]
+    assert np.array_equal(levels[0], rgb) and not levels[1][:2, :2].any() and (levels[1][0, 2:4] == 2).all()
+    for above, level in zip(levels, levels[1:]):
+        h, w = level.shape[:2]
+        means = above[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).mean((1, 3))
+        assert np.array_equal(level, means.round().astype(np.uint8))
+
+
+def test_synthetic_slide_with_distinct_images_repeats_them_with_their_glands(tmp_path):
+    """``distinct``: a large slide for timing, made of a few images of each class placed again (with their glands);
+    without it every tissue tile is its own image, drawn as before."""
+    from PIL import Image
+
+    from monai_wsl.data import write_synthetic_slide
+
+    def tiles(path, n):
+        rgb = np.asarray(openslide.OpenSlide(str(path)).read_region((0, 0), 0, (6 * n, 6 * n)).convert("RGB"))
+        blocks = rgb.reshape(6, n, 6, n, 3).swapaxes(1, 2).reshape(36, -1)
+        return {b.tobytes() for b in blocks if b.mean() < 230}  # the tissue tiles (glass is 242)
+
+    repeated = write_synthetic_slide(tmp_path / "r.tif", rows=6, cols=6, tile=64, seed=2, distinct=2)
+    own = write_synthetic_slide(tmp_path / "o.tif", rows=6, cols=6, tile=64, seed=2)
+    assert 2 <= len(tiles(repeated, 64)) <= 4 and len(tiles(own, 64)) >= 20
+    anno = np.asarray(Image.open(tmp_path / "r_anno.png")) > 0  # at the lowest level: the slide itself here
+    rgb = np.asarray(openslide.OpenSlide(str(repeated)).read_region((0, 0), 0, (384, 384)).convert("RGB"))
+    per_tile = {}  # each repeated image keeps its own glands wherever it is placed
+    for r in range(6):
+        for c in range(6):
+            block = (slice(r * 64, (r + 1) * 64), slice(c * 64, (c + 1) * 64))
+            per_tile.setdefault(rgb[block].tobytes(), set()).add(anno[block].tobytes())
+    assert all(len(glands) == 1 for glands in per_tile.values())
+    with pytest.raises(ValueError, match="distinct must be None or at least 1"):
+        write_synthetic_slide(tmp_path / "z.tif", distinct=0)
+
+
 @pytest.mark.slow  # the whole-slide quick start (18 s); the real SVS runs in the fast suite
 def test_bundle_without_dataset_dir_runs_the_synthetic_slide(tmp_path, net):
     """Right after the quick start: the whole-slide command without --dataset_dir writes the synthetic slide and runs

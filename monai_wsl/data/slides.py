@@ -318,6 +318,18 @@ def survey_slide(
     }
 
 
+def _halve(rgb: np.ndarray, band: int = 1024) -> np.ndarray:
+    """2 x 2 means of an ``(H, W, 3)`` uint8 image (an odd last row or column dropped), rounded half to even, computed
+    ``band`` output rows at a time in float32 (exact for four 8-bit values): the memory of a slide's level 0 is not
+    needed again eight times over in float64."""
+    h, w = rgb.shape[0] // 2, rgb.shape[1] // 2
+    out = np.empty((h, w, 3), np.uint8)
+    for y in range(0, h, band):
+        rows = rgb[2 * y : 2 * min(y + band, h), : 2 * w].reshape(-1, 2, w, 2, 3)
+        out[y : y + band] = rows.mean((1, 3), dtype=np.float32).round()
+    return out
+
+
 def write_rgb_pyramid(path: str | Path, rgb: np.ndarray, tile: int = 256, mpp: float | None = 0.5) -> list:
     """An ``(H, W, 3)`` uint8 image as a pyramidal tiled TIFF the way scanners write slides (one page a level,
     halving by 2 x 2 means until the long side is at most 512, deflate, the pixel size): OpenSlide reads it as a
@@ -342,6 +354,5 @@ def write_rgb_pyramid(path: str | Path, rgb: np.ndarray, tile: int = 256, mpp: f
             shapes.append(level.shape[:2])
             if max(level.shape[:2]) <= 512:
                 return shapes
-            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-            level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)).round().astype(np.uint8)
+            level = _halve(level)
             factor *= 2
