@@ -326,6 +326,39 @@ def test_stitched_map_equals_the_network_on_the_same_pixels(tmp_path, net, merge
     assert np.abs(window - np.mean(covering, 0) * 255).max() <= 0.5 + 1e-3
 
 
+def test_a_map_on_disk_is_chunked_by_the_patch_grid_and_compressed_with_lz4(tmp_path):
+    """On disk, each patch of a grid without overlap fills chunks of its own (a chunk is the grid's step, taken whole
+    until it is 256 pixels or more), compressed by Blosc's LZ4; a map that fits in memory stays there."""
+    from monai.inferers import AvgMerger, ZarrAvgMerger
+
+    from monai_wsl.inferers.splitter import choose_merger
+
+    def plan(step, patch, rows=4, cols=4):
+        positions = [(y * step[0], x * step[1]) for y in range(rows) for x in range(cols)]
+        shape = ((rows - 1) * step[0] + patch, (cols - 1) * step[1] + patch)
+        return {"shape": shape, "patch_size": (patch, patch), "positions": positions}
+
+    assert choose_merger(plan((512, 512), 512), 1, "auto", max_memory_mb=64)[0] is AvgMerger
+    cases = {  # (grid step, patch, rows, cols): chunk
+        ((512, 512), 512, 4, 4): (512, 512),  # no overlap: a patch, a chunk
+        ((384, 384), 512, 4, 4): (384, 384),  # a quarter overlap
+        ((128, 128), 256, 4, 4): (256, 256),  # half: two steps
+        ((100, 100), 100, 4, 4): (300, 300),
+        ((512, 512), 512, 1, 4): (512, 512),  # one row: the patch's height
+    }
+    for (step, patch, rows, cols), chunk in cases.items():
+        grid = plan(step, patch, rows, cols)
+        merger_cls, kwargs = choose_merger(grid, 2, "zarr", workdir=str(tmp_path / f"{step[0]}_{rows}"))
+        assert merger_cls is ZarrAvgMerger and kwargs["chunks"] == (1, 1, *chunk)
+        merger = merger_cls(merged_shape=(1, 2, *grid["shape"]), **kwargs)
+        assert merger.values.chunks == (1, 1, *chunk) and merger.counts.dtype == np.uint8
+        assert "lz4" in str(merger.values.metadata.codecs) and "lz4" in str(merger.counts.metadata.codecs)
+    merger.aggregate(torch.full((1, 2, 512, 512), 0.25), (0, 1024))  # one patch: one chunk a channel written
+    merger.aggregate(torch.full((1, 2, 512, 512), 0.75), (0, 1024))
+    chunk_files = [f for f in (tmp_path / "512_1" / "values.zarr").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert len(chunk_files) == 2 and (np.asarray(merger.finalize()[0, :, :, 1024:1536]) == 0.5).all()
+
+
 @pytest.mark.parametrize("merger", ["memory", "zarr"])
 def test_uncertainty_map_is_the_entropy_of_the_flip_averaged_mask(tmp_path, net, merger, glas_image):
     """With ``uncertainty``, the map is the mask averaged over four flips and ``<stem>_uncertainty.tif`` its binary

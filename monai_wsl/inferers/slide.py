@@ -270,7 +270,7 @@ class SlideInferer:
         n_run = len(plan["tissue_positions"])
         if n_run == 0:  # plan_slide said so
             return "none", ZeroMap(shape), ZeroMap(shape) if self.uncertainty else None
-        merger_cls, kwargs = choose_merger(shape, 1 + self.uncertainty, self.merger, self.max_memory_mb, workdir)
+        merger_cls, kwargs = choose_merger(plan, 1 + self.uncertainty, self.merger, self.max_memory_mb, workdir)
         with tqdm(total=n_run, desc=f"{slide.stem}", unit="patch", disable=not self.progress) as self._bar:
             with np.errstate(invalid="ignore"):  # 0 / 0 where no patch ran: NaN, written as 0
                 merged = self._patch_inferer(setup["splitter"], merger_cls, **kwargs)(str(slide), self.infer_patches)
