@@ -136,13 +136,24 @@ def test_the_prepared_device_study_runs_its_steps_small_and_sums_them_up(tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert {"step", "recipe", "slide", "wsi"} <= set(summary) and "torch" in (out / "device.txt").read_text()
+    assert summary["steps_failed"] == 0
     step, recipe, wsi = summary["step"], summary["recipe"], summary["wsi"]
-    assert step["input"] == [4, 3, 64, 64] and step["maxmin_images_per_s"] < step["plain_images_per_s"]
+    assert step["input"] == [4, 3, 64, 64] and step["maxmin_images_per_s"] > 0
+    assert step["time_ratio"] == pytest.approx(step["plain_images_per_s"] / step["maxmin_images_per_s"])
     assert len(recipe["epochs"]) == 1 and recipe["recipe_epochs"] == 80  # the GlaS recipe's 80, extrapolated
     assert summary["slide"]["rows"] == 6 and (work / "slide_6x128.tif").is_file()
     assert 0 < wsi["patches_run"] <= 36 and wsi["patch_size"] == 128
     per_hour = summary["slides_per_hour"]
     assert per_hour["slides_per_hour"] == pytest.approx(3600 / min(wsi["whole_path_s"]))
+    # a step out of time counts as failed (the exit status), and a mistyped argument runs nothing
+    rerun = subprocess.run(
+        ["bash", str(REPO / "scripts" / "device_study.sh"), "run", "--quick"],
+        env={**env, "DEADLINE": "0"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert rerun.returncode == 3 and json.loads((out / "summary.json").read_text())["steps_failed"] == 3
+    assert not (out / "step.json").exists()  # the earlier run's figures are not summed up as this one's
+    typo = subprocess.run(["bash", str(REPO / "scripts" / "device_study.sh"), "run", "--quik"], capture_output=True)
+    assert typo.returncode == 2 and b"usage" in typo.stderr
 
 
 def test_overrides_read_values_as_the_bundle_command_line_does():

@@ -267,12 +267,12 @@ def write_synthetic_slide(
 
     from .slides import write_rgb_pyramid
 
+    if distinct is not None and distinct < 1:
+        raise ValueError(f"distinct must be None or at least 1, got {distinct}.")
     path = Path(path)
     anno = path.with_name(f"{path.stem}_anno.png")
     if path.is_file() and anno.is_file():
         return path
-    if distinct is not None and distinct < 1:
-        raise ValueError(f"distinct must be None or at least 1, got {distinct}.")
     rng = np.random.default_rng(seed)
     h, w = rows * tile, cols * tile
     rgb = np.full((h, w, 3), 242, np.uint8)
