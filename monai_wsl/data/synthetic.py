@@ -249,9 +249,10 @@ def write_synthetic_slide(
     rows: int = 8,
     cols: int = 12,
     tile: int = 256,
+    *,
+    distinct: int | None = None,
     seed: int = 0,
     mpp: float = 0.5,
-    distinct: int | None = None,
 ) -> Path:
     """A whole-slide image made of the synthetic set: an oval of tissue on glass, ``rows x cols`` images of ``tile``
     pixels (:func:`synthetic_histology_sample`), benign everywhere but a malignant focus, written as a pyramidal tiled
@@ -259,10 +260,10 @@ def write_synthetic_slide(
     beside it (``<stem>_anno.png`` at the slide's lowest level). An existing file is kept. For the whole-slide quick
     start: the quick-start model on a slide, where the glands it was trained to find are.
 
-    ``distinct``: draw at most this many images of each class and place them again at random (None: every place its
-    own image). Drawing takes about 0.1 s an image of 512 pixels, so a slide of CAMELYON16's size (10,000 tissue
-    patches of 512 pixels) takes minutes with ``distinct=64`` where it would take a quarter of an hour on one core
-    without: a slide for timing, whose content repeats."""
+    ``distinct``, ``seed`` and ``mpp`` go by keyword. ``distinct``: draw at most this many images of each class and
+    place them again at random (None: every place its own image). Drawing takes about 0.1 s an image of 512 pixels,
+    so a slide of CAMELYON16's size (10,000 tissue patches of 512 pixels) takes minutes with ``distinct=64`` where it
+    would take a quarter of an hour on one core without: a slide for timing, whose content repeats."""
     from PIL import Image
 
     from .slides import write_rgb_pyramid
