@@ -52,12 +52,17 @@ def _probe(enabled: str) -> dict:
 
 @linux_glibc
 def test_freed_memory_is_reused_without_page_faults():
-    off, on = _probe("false"), _probe("true")
+    # glibc alone: its thresholds move with what it has seen, and in most fresh processes the steps fault their memory
+    # in again (a median of 1,600 to 8,000 faults a step), but not in all (12 processes on 2026-12-07: medians of 0
+    # and 128 in two of them; one such process failed this test in one of that day's three fast-suite runs): the
+    # baseline is the first of up to five processes that shows the cost the setting is meant to remove
+    offs = []
+    while len(offs) < 5 and not any(off["faults"] > 256 for off in offs):
+        offs.append(_probe("false"))
+    off, on = max(offs, key=lambda r: r["faults"]), _probe("true")
     assert off["set"] is False and on["set"] is True
-    # the probe sees the cost it is meant to remove: a median of 2,500 to 8,400 faults a step here (10 to 33 MiB
-    # faulted in again each step; 1,300 a step on average in the CI run that saw the fewest)
-    assert off["faults"] > 256, off
-    assert on["faults"] * 10 < off["faults"], (on, off)  # a median of 0 here, in every run
+    assert off["faults"] > 256, offs
+    assert on["faults"] * 10 < off["faults"], (on, off)  # with the setting: a median of 0 here, in every process
 
 
 @linux_glibc
