@@ -320,8 +320,8 @@ def survey_slide(
 
 def _halve(rgb: np.ndarray, band: int = 1024) -> np.ndarray:
     """2 x 2 means of an ``(H, W, 3)`` uint8 image (an odd last row or column dropped), rounded half to even, computed
-    ``band`` output rows at a time in float32 (exact for four 8-bit values): the memory of a slide's level 0 is not
-    needed again eight times over in float64."""
+    ``band`` output rows at a time in float32 (exact for four 8-bit values), where float64 means of the whole image
+    and their rounding took four times the image's own memory more."""
     h, w = rgb.shape[0] // 2, rgb.shape[1] // 2
     out = np.empty((h, w, 3), np.uint8)
     for y in range(0, h, band):
