@@ -26,6 +26,9 @@ already in memory, in the same process; patches per second of each, their ratio 
 
     OMP_NUM_THREADS=2 python scripts/benchmark.py --wsi SLIDE --size 512 --batch 8 [--checkpoint model.pt]
 
+(``--merger memory`` or ``zarr`` keeps the map in memory or on disk; ``auto``, the bundle's, puts it on disk when its
+buffers exceed 2 GB.)
+
 ``--inference-backend torch,onnxruntime`` runs the whole-slide path and the forward pass on each backend, alternated
 (``monai_wsl.inferers.backends``; the export is made before the timing).
 
@@ -323,6 +326,7 @@ def run_wsi(args) -> dict:
             progress=False,
             checkpoint=args.checkpoint,  # the export goes beside it (without one, into a temporary folder)
             inference_backend=backend,
+            merger=args.merger,
         )
         inferers[inferer.inference_backend] = inferer
     first = next(iter(inferers.values()))
@@ -514,6 +518,12 @@ def main() -> None:
         "--inference-backend",
         default="torch",
         help="--wsi: the backend(s), comma-separated: torch, onnxruntime, auto (e.g. torch,onnxruntime)",
+    )
+    parser.add_argument(
+        "--merger",
+        default="auto",
+        choices=["auto", "memory", "zarr"],
+        help="--wsi: where the map is merged (the bundle's 'auto': on disk when its buffers exceed 2 GB)",
     )
     parser.add_argument("--backends", action="store_true", help="the network alone on each inference backend")
     parser.add_argument("--images", help="--backends: crop the batch from the images of this folder (default: noise)")

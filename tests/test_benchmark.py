@@ -109,7 +109,7 @@ def test_wsi_run_times_each_backend_on_the_same_patches_and_splits_the_time(tmp_
     args = argparse.Namespace(
         wsi=str(slide), encoder="efficientnet-lite0", device="cpu", checkpoint=None, out=str(tmp_path / "out"),
         inference_backend="torch,onnxruntime", size=128, overlap=0.0, level=0, batch=4, num_workers=0, amp=False,
-        repeats=1,
+        merger="auto", repeats=1,
     )  # fmt: skip
     r = benchmark.run_wsi(args)
     assert set(r["backends"]) == {"torch", "onnxruntime"} and 0 < r["patches_run"] <= r["patches_total"]
